@@ -1,0 +1,201 @@
+"""The user's image folder as train/validation datasets, checked before any training starts.
+
+The split is Keras's own (``image_dataset_from_directory`` with ``subset="both"`` and the seed: by file,
+disjoint). Images are decoded with the same ops Keras uses, cached once, and the training split is
+reshuffled every epoch from its seed. A second, unshuffled view of the training split serves the
+measuring passes, so measuring never advances the training pipeline's shuffle state."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from .config import DataConfig
+from .errors import UserError
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what Keras's directory loader reads
+_IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    relpath: str
+    class_name: str
+    sha256: str
+
+
+@dataclass
+class Datasets:
+    train: tf.data.Dataset  # shuffled every epoch, batched
+    val: tf.data.Dataset  # fixed order, batched
+    train_in_order: tf.data.Dataset  # training split, fixed order, batched: for measuring passes
+    class_names: list[str]
+    train_files: list[ImageFile]
+    val_files: list[ImageFile]
+    fingerprint: str
+    cross_split_duplicates: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class per split, as flat keys for MLflow params."""
+        out: dict[str, int] = {}
+        for split, files in (("train", self.train_files), ("val", self.val_files)):
+            per_class = Counter(f.class_name for f in files)
+            for name in self.class_names:
+                out[f"{split}.{name}"] = per_class.get(name, 0)
+            out[f"{split}.total"] = len(files)
+        return out
+
+
+def _is_ignorable(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _IGNORED_FILES
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_decodes(path: Path) -> None:
+    try:
+        tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
+        raise UserError(
+            f"corrupt image {path}: it cannot be decoded ({exc.message.splitlines()[0]}); "
+            "delete or replace the file"
+        ) from None
+
+
+def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
+    """Class names (sorted visible sub-folders) and every image, each checked to decode."""
+    if not directory:
+        raise UserError(
+            "data.dir is not set: pass data.dir=PATH (a folder with one sub-folder per class), "
+            "or try experiment=demo"
+        )
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"data.dir={directory} does not exist or is not a folder: pass data.dir=PATH to a folder "
+            "with one sub-folder per class"
+        )
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_ignorable(p.name))
+    if len(class_names) < 2:
+        raise UserError(
+            f"data.dir={directory} has {len(class_names)} class folder(s) {class_names}: a classifier "
+            "needs at least two, one sub-folder per class"
+        )
+    files: list[ImageFile] = []
+    for name in class_names:
+        found = 0
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames[:] = sorted(d for d in dirnames if not _is_ignorable(d))
+            for filename in sorted(filenames):
+                if _is_ignorable(filename):
+                    continue
+                path = Path(dirpath) / filename
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise UserError(
+                        f"{path} is not an image Keras can read (allowed: {', '.join(IMAGE_SUFFIXES)}): "
+                        "move it out of the data folder or convert it"
+                    )
+                _check_decodes(path)
+                files.append(ImageFile(path, path.relative_to(root).as_posix(), name, _sha256(path)))
+                found += 1
+        if found == 0:
+            raise UserError(
+                f"class folder {root / name} has no images: add images or remove the empty folder"
+            )
+    return class_names, files
+
+
+def fingerprint(files: list[ImageFile]) -> str:
+    """Hash over sorted relative paths and file contents: names the exact data a run saw."""
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.relpath):
+        digest.update(f"{f.relpath}\0{f.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def _load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Exactly Keras's directory loader (decode, bilinear resize), float32 pixels in [0, 255]."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    image.set_shape((image_size, image_size, 3))
+    return image
+
+
+def _images(files: list[ImageFile], class_names: list[str], cfg: DataConfig) -> tf.data.Dataset:
+    binary = len(class_names) == 2
+    labels = [class_names.index(f.class_name) for f in files]
+    label_dtype = tf.float32 if binary else tf.int32
+    labels_t = tf.constant(labels, dtype=label_dtype)
+    if binary:
+        labels_t = tf.reshape(labels_t, (-1, 1))
+    paths = tf.data.Dataset.from_tensor_slices([str(f.path) for f in files])
+    images = paths.map(lambda p: _load_image(p, cfg.image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    return tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels_t))).cache()
+
+
+def load_datasets(cfg: DataConfig) -> Datasets:
+    """Check the folder, split it the Keras way, and build the cached pipelines."""
+    if cfg.synthetic:
+        from .demo_data import ensure_demo_dataset
+
+        ensure_demo_dataset(cfg.dir, cfg.image_size, cfg.synthetic_images_per_class, cfg.seed)
+    class_names, files = scan_folder(cfg.dir)
+    by_path = {str(f.path): f for f in files}
+    try:
+        keras_train, keras_val = keras.utils.image_dataset_from_directory(
+            str(Path(cfg.dir).expanduser()),
+            class_names=class_names,
+            validation_split=cfg.validation_split,
+            subset="both",
+            seed=cfg.seed,
+            batch_size=None,
+            image_size=(cfg.image_size, cfg.image_size),
+            verbose=False,
+        )
+    except ValueError as exc:  # e.g. too few images for a split
+        raise UserError(
+            f"cannot split data.dir={cfg.dir} with data.validation_split={cfg.validation_split}: {exc}; "
+            "add images or change the split"
+        ) from None
+    train_files = [by_path[str(Path(p))] for p in keras_train.file_paths]
+    val_files = [by_path[str(Path(p))] for p in keras_val.file_paths]
+
+    train_cached = _images(train_files, class_names, cfg)
+    val_cached = _images(val_files, class_names, cfg)
+    train = (
+        train_cached.shuffle(len(train_files), seed=cfg.seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val = val_cached.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+    train_in_order = train_cached.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+
+    train_hashes = {f.sha256 for f in train_files}
+    duplicates = sum(1 for f in val_files if f.sha256 in train_hashes)
+    return Datasets(
+        train=train,
+        val=val,
+        train_in_order=train_in_order,
+        class_names=class_names,
+        train_files=train_files,
+        val_files=val_files,
+        fingerprint=fingerprint(files),
+        cross_split_duplicates=duplicates,
+    )

@@ -1,0 +1,222 @@
+"""Why validation beats training, measured: an exact, telescoping decomposition of the gap per epoch
+(config group ``diagnostics``).
+
+At the end of an epoch the training split is passed through the model again with the end-of-epoch
+weights, removing one training-time effect at a time:
+
+    accuracy                Keras's number: averaged over the epoch while the weights moved
+    train_mode_accuracy     full training-mode pass (augmentation, BN batch statistics, dropout)
+    no_batchnorm_accuracy   ... with BatchNorm on its moving statistics
+    no_dropout_accuracy     ... and every dropout layer off
+    train_clean_accuracy    ... and no augmentation: the training split as validation sees data
+    val_accuracy            Keras's validation number
+
+Consecutive differences are the gap components; they sum exactly to ``val - train``. The same
+is done for the loss. Measuring changes nothing: every model variable (weights, BN moving statistics,
+random-seed states) is restored afterwards, augmentation and dropout use a fixed seed per epoch, and
+the training split is read through its own unshuffled pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+from scipy.stats import binomtest
+
+from .augment import augments
+from .config import DiagnosticsLevel
+from .model import Classifier, batchnorm_layers, walk_layers
+
+CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
+# component name -> (minuend, subtrahend), in the order the effects are removed
+COMPONENTS = {
+    "lag": ("train_mode", "keras_train"),
+    "batchnorm": ("no_batchnorm", "train_mode"),
+    "dropout": ("no_dropout", "no_batchnorm"),
+    "augmentation": ("train_clean", "no_dropout"),
+    "split": ("keras_val", "train_clean"),
+}
+_STOCHASTIC_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+)
+
+
+@contextlib.contextmanager
+def _batchnorm_on_moving_stats(bns: list[keras.layers.BatchNormalization]):
+    """A non-trainable BN always uses its moving statistics; flip the flag only while tracing."""
+    saved = [bn.trainable for bn in bns]
+    for bn in bns:
+        bn.trainable = False
+    try:
+        yield
+    finally:
+        for bn, flag in zip(bns, saved, strict=True):
+            bn.trainable = flag
+
+
+def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+@dataclass
+class _Totals:
+    correct: int = 0
+    loss_sum: float = 0.0
+
+
+class GapMeter:
+    """Measures the four training-split conditions for one phase (rebuild it when trainability changes:
+    the traced passes bake in which BatchNorm layers are trainable)."""
+
+    def __init__(self, clf: Classifier, dataset: tf.data.Dataset, seed: int):
+        self.clf = clf
+        self.dataset = dataset
+        self.seed = seed
+        self.bns = batchnorm_layers(clf.base)
+        self.has_trainable_bn = any(bn.trainable for bn in self.bns)
+        self.base_is_stochastic = any(
+            isinstance(layer, _STOCHASTIC_LAYERS) for layer in walk_layers(clf.base)
+        )
+        self.augments = augments(clf.augmentation)
+        self._seed_states = [
+            v for layer in (clf.augmentation, clf.dropout) for v in layer.variables if "seed" in v.path
+        ]
+        self._dropout_seeds = [v for v in clf.dropout.variables if "seed" in v.path]
+        kw = {"reduce_retracing": True}
+        self._augment = tf.function(lambda x: clf.augmentation(x, training=True), **kw)
+        self._features_train = tf.function(lambda x: clf.base(clf.preprocess(x), training=True), **kw)
+        self._features_infer = tf.function(lambda x: clf.base(clf.preprocess(x), training=False), **kw)
+        self._features_no_bn = tf.function(self._trace_no_bn, **kw)
+        self._head_dropout = tf.function(lambda f: clf.head(clf.dropout(clf.pool(f), training=True)), **kw)
+        self._head_infer = tf.function(lambda f: clf.head(clf.pool(f)), **kw)
+
+    def _trace_no_bn(self, x):
+        with _batchnorm_on_moving_stats(self.bns):
+            return self.clf.base(self.clf.preprocess(x), training=True)
+
+    def _score(self, totals: _Totals, logits: tf.Tensor, y: tf.Tensor) -> None:
+        if self.clf.binary:
+            correct = tf.cast(logits > 0.0, y.dtype) == y
+            losses = keras.losses.binary_crossentropy(y, logits, from_logits=True)
+        else:
+            correct = tf.argmax(logits, axis=-1, output_type=y.dtype) == y
+            losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        totals.correct += int(tf.reduce_sum(tf.cast(correct, tf.int32)))
+        totals.loss_sum += float(tf.reduce_sum(tf.cast(losses, tf.float64)))
+
+    def measure(self, epoch: int) -> dict[str, float]:
+        """Accuracy, loss and correct count under each condition, with every variable restored."""
+        variables = self.clf.model.variables
+        saved = [np.array(v.numpy(), copy=True) for v in variables]
+        for i, state in enumerate(self._seed_states):  # a fixed, reproducible draw per epoch
+            state.assign(np.array([self.seed * 1_000_003 + epoch, i], dtype=state.dtype))
+        totals = {name: _Totals() for name in CONDITIONS}
+        count = 0
+        try:
+            for x, y in self.dataset:
+                count += int(x.shape[0])
+                augmented = self._augment(x) if self.augments else x
+                f_train = self._features_train(augmented)
+                f_no_bn = self._features_no_bn(augmented) if self.has_trainable_bn else f_train
+                f_no_drop = self._features_infer(augmented) if self.base_is_stochastic else f_no_bn
+                f_clean = self._features_infer(x) if self.augments else f_no_drop
+                # the same dropout mask for both dropout-on passes, so only BatchNorm differs
+                dropout_state = [np.array(v.numpy(), copy=True) for v in self._dropout_seeds]
+                self._score(totals["train_mode"], self._head_dropout(f_train), y)
+                for v, s in zip(self._dropout_seeds, dropout_state, strict=True):
+                    v.assign(s)
+                self._score(totals["no_batchnorm"], self._head_dropout(f_no_bn), y)
+                self._score(totals["no_dropout"], self._head_infer(f_no_drop), y)
+                self._score(totals["train_clean"], self._head_infer(f_clean), y)
+        finally:
+            for v, value in zip(variables, saved, strict=True):
+                v.assign(value)
+        out: dict[str, float] = {}
+        for name, t in totals.items():
+            out[f"{name}_accuracy"] = t.correct / count
+            out[f"{name}_loss"] = t.loss_sum / count
+            out[f"{name}_correct"] = t.correct
+        out["train_count"] = count
+        return out
+
+
+def decompose(keras_logs: dict[str, float], measured: dict[str, float], val_count: int) -> dict[str, float]:
+    """Gap components for accuracy (``gap/*``) and loss (``gap_loss/*``), plus Wilson intervals."""
+    out: dict[str, float] = {}
+    for name in CONDITIONS:
+        out[f"{name}_accuracy"] = measured[f"{name}_accuracy"]
+        out[f"{name}_loss"] = measured[f"{name}_loss"]
+    for metric, prefix in (("accuracy", "gap"), ("loss", "gap_loss")):
+        values = {name: measured[f"{name}_{metric}"] for name in CONDITIONS}
+        values["keras_train"] = float(keras_logs[metric])
+        values["keras_val"] = float(keras_logs[f"val_{metric}"])
+        out[f"{prefix}/total"] = values["keras_val"] - values["keras_train"]
+        for component, (plus, minus) in COMPONENTS.items():
+            out[f"{prefix}/{component}"] = values[plus] - values[minus]
+    val_correct = round(float(keras_logs["val_accuracy"]) * val_count)
+    low, high = wilson_interval(val_correct, val_count)
+    out["val_accuracy_ci_low"], out["val_accuracy_ci_high"] = low, high
+    low, high = wilson_interval(int(measured["train_clean_correct"]), int(measured["train_count"]))
+    out["train_clean_accuracy_ci_low"], out["train_clean_accuracy_ci_high"] = low, high
+    return out
+
+
+class GapDiagnostics(keras.callbacks.Callback):
+    """Adds the measured conditions and gap components to the epoch's logs (before the MLflow logger)."""
+
+    def __init__(self, meter: GapMeter, level: DiagnosticsLevel, last_epoch: int, val_count: int):
+        super().__init__()
+        self.meter = meter
+        self.level = level
+        self.last_epoch = last_epoch
+        self.val_count = val_count
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None or self.level == DiagnosticsLevel.off:
+            return
+        if self.level == DiagnosticsLevel.final and epoch != self.last_epoch:
+            return
+        logs.update(decompose(logs, self.meter.measure(epoch), self.val_count))
+
+
+def gap_sentence(row: dict[str, float]) -> str:
+    """One plain sentence: the total gap and its components by size, in accuracy points."""
+    total = 100 * row["gap/total"]
+    parts = sorted(COMPONENTS, key=lambda c: -abs(row[f"gap/{c}"]))
+    listed = ", ".join(f"{c} {100 * row[f'gap/{c}']:+.1f}" for c in parts)
+    lead = (
+        f"validation beats training by {total:.1f} points"
+        if total >= 0
+        else f"training beats validation by {-total:.1f} points"
+    )
+    return f"{lead}: {listed}"
+
+
+def gap_summary(rows: list[dict]) -> str:
+    """The sentence for the last measured epoch of each phase (``gap_summary.txt``)."""
+    lines = []
+    for phase in sorted({r["phase"] for r in rows}):
+        measured = [r for r in rows if r["phase"] == phase and "gap/total" in r]
+        if measured:
+            last = measured[-1]
+            lines.append(f"phase {phase}, epoch {last['epoch']}: {gap_sentence(last)}")
+    if not lines:
+        return "no gap measurement (diagnostics.level=off)\n"
+    lines.append("")
+    lines.append(
+        "lag = epoch-averaged train metric vs end-of-epoch weights; batchnorm = batch vs moving statistics; "
+        "dropout = dropout on vs off; augmentation = augmented vs clean images; split = validation vs "
+        "clean training split (the real generalisation gap)."
+    )
+    return "\n".join(lines) + "\n"

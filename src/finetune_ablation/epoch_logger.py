@@ -1,0 +1,25 @@
+"""Per-epoch MLflow logging for a two-phase run. Keras's own autologgers restart steps on the second
+``fit()`` (FACTS), so this callback logs every metric with the global epoch as step and keeps the rows
+for ``history.csv``."""
+
+from __future__ import annotations
+
+import keras
+import mlflow
+
+
+def _current_learning_rate(model: keras.Model) -> float:
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    def __init__(self, phase: int, rows: list[dict]):
+        super().__init__()
+        self.phase = phase
+        self.rows = rows
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        metrics.setdefault("learning_rate", _current_learning_rate(self.model))
+        mlflow.log_metrics(metrics, step=epoch)
+        self.rows.append({"epoch": epoch, "phase": self.phase, **metrics})

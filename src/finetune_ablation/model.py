@@ -1,0 +1,229 @@
+"""The classifier: augmentation -> preprocess -> pretrained base -> pooling -> dropout -> logits.
+
+Keeps a handle on every block, so the measuring passes can switch each training-time effect on or off
+separately, and answers the users' questions about freezing in numbers (trainable counts, BN drift,
+whether the outer model holds the very same base object)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .config import ModelConfig
+from .errors import UserError
+
+
+@keras.saving.register_keras_serializable(package="finetune_ablation")
+class Preprocess(keras.layers.Layer):
+    """The base's own ``preprocess_input`` as a layer (for MobileNetV2: pixels to [-1, 1])."""
+
+    def __init__(self, module: str, **kwargs):
+        super().__init__(**kwargs)
+        self.module = module
+        self._fn = _applications_module(module).preprocess_input
+
+    def call(self, inputs):
+        return self._fn(inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "module": self.module}
+
+
+@dataclass
+class Classifier:
+    model: keras.Model
+    base: keras.Model
+    augmentation: keras.Sequential
+    preprocess: Preprocess
+    pool: keras.layers.Layer
+    dropout: keras.layers.Dropout
+    head: keras.layers.Dense
+    bn_training: bool | None
+
+    @property
+    def binary(self) -> bool:
+        return self.head.units == 1
+
+
+def _applications_module(name: str):
+    """Only modules inside ``keras.applications`` can be named: config never imports arbitrary code."""
+    if not name.isidentifier():
+        raise UserError(f"model.name={name!r} is not a keras.applications module name, e.g. mobilenet_v2")
+    try:
+        module = importlib.import_module(f"keras.applications.{name}")
+    except ImportError:
+        raise UserError(
+            f"model.name={name!r} is not a keras.applications module: use e.g. mobilenet_v2, efficientnet, "
+            "resnet50 (see conf/model/)"
+        ) from None
+    if not hasattr(module, "preprocess_input"):
+        raise UserError(f"keras.applications.{name} has no preprocess_input: pick an image base module")
+    return module
+
+
+def _download_hint(exc: Exception) -> UserError:
+    return UserError(
+        f"could not download the ImageNet weights ({type(exc).__name__}): this machine may be offline. "
+        "Use model.weights=null (random init) or model.weights=/path/to/file.weights.h5, or put the file "
+        "in $KERAS_HOME/models (default ~/.keras/models)"
+    )
+
+
+def load_base(cfg: ModelConfig, image_size: int) -> keras.Model:
+    """Build ``keras.applications.<name>.<architecture>`` headless, with the requested weights."""
+    module = _applications_module(cfg.name)
+    constructor = getattr(module, cfg.architecture, None)
+    if constructor is None or not callable(constructor) or not cfg.architecture[:1].isupper():
+        raise UserError(
+            f"model.architecture={cfg.architecture!r} is not a constructor in keras.applications.{cfg.name}"
+        )
+    kwargs: dict = {"include_top": False, "input_shape": (image_size, image_size, 3)}
+    if cfg.alpha is not None:
+        if "alpha" not in inspect.signature(constructor).parameters:
+            raise UserError(f"{cfg.architecture} has no width multiplier: set model.alpha=null")
+        kwargs["alpha"] = cfg.alpha
+    weights = cfg.weights
+    if weights not in (None, "imagenet"):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UserError(
+                f"model.weights={weights} is not a file: use imagenet, null, or a local .weights.h5/.h5 path"
+            )
+        weights = str(path)
+    try:
+        return constructor(weights=weights, **kwargs)
+    except (OSError, ConnectionError) as exc:  # urllib's URLError is an OSError
+        if weights == "imagenet":
+            raise _download_hint(exc) from None
+        raise UserError(f"cannot load model.weights={weights}: {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"cannot build {cfg.architecture} with these settings: {exc}") from None
+    except Exception as exc:  # Keras wraps fetch failures in a plain Exception("URL fetch failure ...")
+        if weights == "imagenet" and "fetch" in str(exc).lower():
+            raise _download_hint(exc) from None
+        raise
+
+
+def build_classifier(
+    cfg: ModelConfig, base: keras.Model, augmentation: keras.Sequential, num_classes: int, image_size: int
+) -> Classifier:
+    """The course's model, with logits out: one unit for two classes, ``num_classes`` units otherwise."""
+    preprocess = Preprocess(cfg.name, name="preprocess")
+    pool = keras.layers.GlobalAveragePooling2D(name="pool")
+    dropout = keras.layers.Dropout(cfg.dropout, name="dropout")
+    head = keras.layers.Dense(1 if num_classes == 2 else num_classes, name="logits")
+
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = augmentation(inputs)
+    x = preprocess(x)
+    x = base(x) if cfg.bn_training is None else base(x, training=cfg.bn_training)
+    x = pool(x)
+    x = dropout(x)
+    outputs = head(x)
+    model = keras.Model(inputs, outputs, name="classifier")
+    return Classifier(model, base, augmentation, preprocess, pool, dropout, head, cfg.bn_training)
+
+
+def walk_layers(layer: keras.layers.Layer):
+    """Every layer inside ``layer`` (depth first), nested models included."""
+    for child in getattr(layer, "layers", []):
+        yield child
+        yield from walk_layers(child)
+
+
+def batchnorm_layers(base: keras.Model) -> list[keras.layers.BatchNormalization]:
+    return [layer for layer in walk_layers(base) if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def calibrate_batchnorm(base: keras.Model, preprocess: Preprocess, images: np.ndarray) -> None:
+    """Set every BN moving mean/variance to the statistics of ``images`` (one training-mode pass with
+    momentum 0). A randomly initialised base (``weights=null``) has moving statistics (0, 1) that do
+    not match its activations, which then vanish through the depth; calibrated, its features carry
+    signal and a head can learn from them, so the offline demo is meaningful."""
+    bns = batchnorm_layers(base)
+    saved = [(bn.momentum, bn.trainable) for bn in bns]
+    for bn in bns:
+        bn.momentum, bn.trainable = 0.0, True
+    try:
+        base(preprocess(images), training=True)
+    finally:
+        for bn, (momentum, trainable) in zip(bns, saved, strict=True):
+            bn.momentum, bn.trainable = momentum, trainable
+
+
+def resolve_fine_tune_at(base: keras.Model, fine_tune_at: int | str) -> int:
+    """A layer index or name -> index into ``base.layers`` (clipped: beyond the end unfreezes nothing)."""
+    names = [layer.name for layer in base.layers]
+    if isinstance(fine_tune_at, str):
+        if fine_tune_at not in names:
+            raise UserError(
+                f"model.fine_tune_at={fine_tune_at!r} names no layer of {base.name}: use an index "
+                f"0..{len(names)} or a layer name such as {names[len(names) * 3 // 4]!r}"
+            )
+        return names.index(fine_tune_at)
+    return min(int(fine_tune_at), len(names))
+
+
+def freeze_base(base: keras.Model) -> None:
+    """Phase 1: the whole base is non-trainable (a non-trainable BN always uses its moving statistics)."""
+    base.trainable = False
+
+
+def unfreeze_top(base: keras.Model, fine_tune_at: int, freeze_bn: bool) -> str | None:
+    """Phase 2: unfreeze ``base.layers[fine_tune_at:]``; returns the first unfrozen layer's name."""
+    base.trainable = True
+    for layer in base.layers[:fine_tune_at]:
+        layer.trainable = False
+    if freeze_bn:
+        for bn in batchnorm_layers(base):
+            bn.trainable = False
+    return base.layers[fine_tune_at].name if fine_tune_at < len(base.layers) else None
+
+
+def bn_moving_stats(base: keras.Model) -> list[np.ndarray]:
+    """Copies of every BN moving mean and variance, to measure how much a phase moved them."""
+    return [
+        np.array(v.numpy(), copy=True)
+        for bn in batchnorm_layers(base)
+        for v in (bn.moving_mean, bn.moving_variance)
+    ]
+
+
+def max_abs_change(before: list[np.ndarray], after: list[np.ndarray]) -> float:
+    return max((float(np.max(np.abs(a - b))) for a, b in zip(before, after, strict=True)), default=0.0)
+
+
+def count_params(weights) -> int:
+    return int(sum(np.prod(w.shape) for w in weights))
+
+
+def trainable_summary(clf: Classifier) -> dict[str, float | int | str | bool]:
+    """What is trainable right now, and proof that the outer model holds the base object itself."""
+    base_trainable = count_params(clf.base.trainable_weights)
+    return {
+        "trainable_layers": sum(
+            1 for layer in walk_layers(clf.base) if layer.trainable_weights and not hasattr(layer, "layers")
+        ),
+        "trainable_params_base": base_trainable,
+        "trainable_params_head": count_params(clf.model.trainable_weights) - base_trainable,
+        "base_is_model_layer": any(layer is clf.base for layer in clf.model.layers),
+    }
+
+
+def trainable_report(clf: Classifier) -> str:
+    """A line per base layer: index, name, type, trainable flag, weight count."""
+    lines = [f"{'idx':>4}  {'layer':<32} {'type':<24} {'trainable':<9} params"]
+    for i, layer in enumerate(clf.base.layers):
+        lines.append(
+            f"{i:>4}  {layer.name:<32} {type(layer).__name__:<24} {layer.trainable!s:<9} "
+            f"{count_params(layer.weights)}"
+        )
+    summary = trainable_summary(clf)
+    lines.append("")
+    lines.extend(f"{key}: {value}" for key, value in summary.items())
+    return "\n".join(lines)

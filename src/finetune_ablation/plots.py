@@ -1,0 +1,81 @@
+"""Figures logged with every run: learning curves with the phase boundary, and the gap decomposition."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from .diagnostics import COMPONENTS
+
+_COLOURS = {
+    "lag": "tab:gray",
+    "batchnorm": "tab:purple",
+    "dropout": "tab:orange",
+    "augmentation": "tab:green",
+    "split": "tab:blue",
+}
+
+
+def _mark_phase_boundary(ax: plt.Axes, history: pd.DataFrame) -> None:
+    phase2 = history[history["phase"] == 2]
+    if not phase2.empty:
+        ax.axvline(phase2["epoch"].min() - 0.5, color="black", linestyle=":", label="fine-tuning starts")
+
+
+def learning_curves(history: pd.DataFrame) -> plt.Figure:
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for column, style in (
+        ("accuracy", "-o"),
+        ("train_clean_accuracy", "--s"),
+        ("val_accuracy", "-^"),
+    ):
+        if column in history:
+            acc_ax.plot(history["epoch"], history[column], style, label=column, markersize=4)
+    for column, style in (("loss", "-o"), ("train_clean_loss", "--s"), ("val_loss", "-^")):
+        if column in history:
+            loss_ax.plot(history["epoch"], history[column], style, label=column, markersize=4)
+    for ax, title in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+        _mark_phase_boundary(ax, history)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def gap_chart(history: pd.DataFrame) -> plt.Figure:
+    """Stacked bars of the gap components per epoch (positive up, negative down), total marked."""
+    measured = (
+        history.dropna(subset=["gap/total", "gap/split"]) if "gap/split" in history else history.iloc[0:0]
+    )
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(measured) + 3), 4.5))
+    epochs = measured["epoch"].to_numpy()
+    up = [0.0] * len(measured)
+    down = [0.0] * len(measured)
+    for component in COMPONENTS:
+        values = (100 * measured[f"gap/{component}"]).to_list()
+        bottoms = [u if v >= 0 else d for v, u, d in zip(values, up, down, strict=True)]
+        ax.bar(epochs, values, bottom=bottoms, color=_COLOURS[component], label=component, width=0.7)
+        up = [u + max(v, 0) for v, u in zip(values, up, strict=True)]
+        down = [d + min(v, 0) for v, d in zip(values, down, strict=True)]
+    ax.plot(
+        epochs,
+        100 * measured["gap/total"],
+        "k_",
+        markersize=22,
+        markeredgewidth=2.5,
+        label="total (val - train)",
+    )
+    ax.axhline(0, color="black", linewidth=0.8)
+    _mark_phase_boundary(ax, history)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy points (validation - training)")
+    ax.set_title("Why validation beats training: the gap, decomposed")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,162 @@
+"""MLflow plumbing (config group ``tracking``): where runs go, how a run starts and ends, what it is tagged.
+
+One tracking URI rule everywhere: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute
+sqlite file under the project's ``mlruns/`` (FACTS: MLflow's own default is relative to the cwd)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+
+from .config import TrackingConfig
+from .errors import UserError
+from .paths import PROJECT_ROOT, default_tracking_uri
+
+MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
+# Keys that say where and how a run is recorded, not what it computes: left out of the config hash.
+_NOT_HASHED = ("tracking", "optuna", "resume")
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _no_http_retries():
+    """MLflow retries an unreachable server for minutes; a reachability probe should fail fast."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def connect(uri: str) -> mlflow.MlflowClient:
+    """A client for ``uri``, checked to answer; a clear error naming the URI otherwise."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        if uri == default_tracking_uri():
+            db.parent.mkdir(parents=True, exist_ok=True)
+        elif not db.parent.is_dir():
+            raise UserError(
+                f"tracking URI {uri} points into a missing folder {db.parent}: create it or fix "
+                "tracking.uri / MLFLOW_TRACKING_URI"
+            )
+    client = mlflow.MlflowClient(uri)
+    try:
+        with _no_http_retries():
+            client.search_experiments(max_results=1)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot reach the MLflow tracking store {uri} ({reason}): start the server or fix "
+            "tracking.uri / MLFLOW_TRACKING_URI"
+        ) from None
+    return client
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Keep a local store's artifacts beside its database, whatever the working directory."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return None  # a server decides for itself
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return (db.parent / "artifacts" / safe).as_uri()
+
+
+def ensure_experiment(client: mlflow.MlflowClient, uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed; safe when parallel jobs race to create it."""
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        if existing.lifecycle_stage == "deleted":
+            raise UserError(
+                f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore) or set "
+                "tracking.experiment to another name"
+            )
+        return existing.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    except MlflowException:
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> dotted keys (``model.fine_tune_at``); lists stay whole values."""
+    out: dict[str, Any] = {}
+    if isinstance(container, dict):
+        for key, value in container.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    out[prefix[:-1]] = container
+    return out
+
+
+def config_params(cfg: DictConfig) -> dict[str, str]:
+    """The whole resolved config as MLflow params (values capped at MLflow's 500 characters)."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(container).items()}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of what a run computes: the resolved config without where/how it is recorded."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    kept = {k: v for k, v in container.items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_state() -> dict[str, str]:
+    """Commit and dirty flag of the project checkout ("unknown" outside git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain")))}
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("tensorflow", "keras", "mlflow", "hydra-core", "optuna", "numpy", "finetune-ablation"):
+        try:
+            out[f"version.{dist}"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[f"version.{dist}"] = "not installed"
+    return out
+
+
+def end_run_failed(error: BaseException, status: str = "FAILED") -> None:
+    """Mark the active run FAILED (or KILLED) with its error as a tag, so nothing is lost silently."""
+    if mlflow.active_run() is None:
+        return
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    with contextlib.suppress(Exception):
+        mlflow.set_tag("error", f"{type(error).__name__}: {message}"[:5000])
+    mlflow.end_run(status=RunStatus.to_string(getattr(RunStatus, status)))

@@ -1,0 +1,187 @@
+"""The two-phase fine-tuning run (config group ``train``), logged whole into the active MLflow run.
+
+Phase 1 trains the head on a frozen base. Phase 2 unfreezes the base from ``model.fine_tune_at`` and
+recompiles with a NEW optimizer at the lower rate: the outer model holds the very same base object, so
+the new trainable set is visible at once, but ``fit()`` only trains it after a recompile (FACTS)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import tempfile
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+
+from .augment import build_augmentation
+from .config import DiagnosticsLevel
+from .data import Datasets, load_datasets
+from .diagnostics import GapDiagnostics, GapMeter, gap_summary
+from .epoch_logger import MlflowEpochLogger
+from .model import (
+    Classifier,
+    bn_moving_stats,
+    build_classifier,
+    calibrate_batchnorm,
+    freeze_base,
+    load_base,
+    max_abs_change,
+    resolve_fine_tune_at,
+    trainable_report,
+    trainable_summary,
+    unfreeze_top,
+)
+from .plots import gap_chart, learning_curves
+
+
+def seed_everything(seed: int) -> None:
+    """Fresh Keras state and one seed for Python, NumPy and TF; deterministic ops (FACTS: identical
+    weights across processes on CPU). Also needed when a launcher reuses a worker process."""
+    keras.backend.clear_session()
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def loss_and_accuracy(binary: bool) -> tuple[keras.losses.Loss, keras.metrics.Metric]:
+    """Loss and accuracy on logits. Binary accuracy thresholds logits at 0: the course's
+    ``metrics=["accuracy"]`` would threshold logits at 0.5 and count a logit of 0.3 as class 0 (FACTS)."""
+    if binary:
+        return (
+            keras.losses.BinaryCrossentropy(from_logits=True),
+            keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"),
+        )
+    return (
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+    )
+
+
+def _compile(clf: Classifier, learning_rate: float) -> None:
+    """Always a NEW optimizer: reusing the one built for another trainable set raises in Keras 3."""
+    loss, accuracy = loss_and_accuracy(clf.binary)
+    clf.model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
+
+
+def _log_data(data: Datasets) -> None:
+    mlflow.log_params({f"data.count.{k}": v for k, v in data.counts().items()})
+    mlflow.log_param("data.class_names", ",".join(data.class_names)[:500])
+    mlflow.set_tags(
+        {
+            "data.fingerprint": data.fingerprint,
+            "data.cross_split_duplicates": str(data.cross_split_duplicates),
+        }
+    )
+    if data.cross_split_duplicates:
+        mlflow.set_tag(
+            "warning",
+            f"{data.cross_split_duplicates} validation image(s) are exact copies of training images",
+        )
+
+
+def _run_phase(
+    clf: Classifier,
+    data: Datasets,
+    cfg: DictConfig,
+    phase: int,
+    learning_rate: float,
+    first_epoch: int,
+    epochs: int,
+    rows: list[dict],
+    extra_callbacks: list[keras.callbacks.Callback],
+) -> None:
+    _compile(clf, learning_rate)
+    summary = trainable_summary(clf)
+    mlflow.log_metrics({f"phase{phase}/{k}": float(v) for k, v in summary.items()})
+    mlflow.log_text(trainable_report(clf), f"trainable_weights_phase{phase}.txt")
+    last_epoch = first_epoch + epochs - 1
+    callbacks: list[keras.callbacks.Callback] = []
+    if cfg.diagnostics.level != DiagnosticsLevel.off:
+        meter = GapMeter(clf, data.train_in_order, cfg.seed)
+        callbacks.append(GapDiagnostics(meter, cfg.diagnostics.level, last_epoch, len(data.val_files)))
+    callbacks.append(MlflowEpochLogger(phase, rows))
+    callbacks.extend(extra_callbacks)
+    before = bn_moving_stats(clf.base)
+    clf.model.fit(
+        data.train,
+        validation_data=data.val,
+        initial_epoch=first_epoch,
+        epochs=last_epoch + 1,  # epochs continue from phase 1: no repeated epoch number
+        callbacks=callbacks,
+        verbose=cfg.train.verbose,
+        shuffle=False,  # the training split is already reshuffled every epoch by tf.data
+    )
+    bn_delta = max_abs_change(before, bn_moving_stats(clf.base))
+    mlflow.log_metric(f"phase{phase}/bn_moving_stats_delta", bn_delta)
+
+
+def weights_digest(model: keras.Model) -> str:
+    """Hash of every model variable (weights, BN statistics, seed states): bit-identity in one string."""
+    digest = hashlib.sha256()
+    for v in model.variables:
+        digest.update(v.path.encode())
+        digest.update(np.ascontiguousarray(v.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def _log_figure(fig, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+def train_and_log(cfg: DictConfig, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> float:
+    """Run both phases into the active MLflow run; returns the final ``val_accuracy``."""
+    seed_everything(cfg.seed)
+    data = load_datasets(cfg.data)
+    _log_data(data)
+
+    base = load_base(cfg.model, cfg.data.image_size)
+    augmentation = build_augmentation(cfg.augment, cfg.seed)
+    clf = build_classifier(cfg.model, base, augmentation, data.num_classes, cfg.data.image_size)
+    if cfg.model.calibrate_bn:
+        batches = [x.numpy() for x, _ in data.train_in_order.take(max(1, 256 // cfg.data.batch_size))]
+        calibrate_batchnorm(base, clf.preprocess, np.concatenate(batches))
+    base_index = next(i for i, layer in enumerate(clf.model.layers) if layer is base)
+    mlflow.set_tags(
+        {
+            "answer.same_base_object": f"model.layers[{base_index}] is base: True",
+            "model.base_layers": str(len(base.layers)),
+        }
+    )
+
+    fine_tune_at = resolve_fine_tune_at(base, cfg.model.fine_tune_at)  # fail before training
+    rows: list[dict] = []
+    extra = extra_callbacks or []
+    t = cfg.train
+    freeze_base(base)
+    _run_phase(clf, data, cfg, 1, t.base_lr, 0, t.initial_epochs, rows, extra)
+
+    first_unfrozen = unfreeze_top(base, fine_tune_at, cfg.model.freeze_bn)
+    mlflow.log_params(
+        {
+            "model.fine_tune_at_index": fine_tune_at,
+            "model.first_unfrozen_layer": first_unfrozen or "none (nothing unfrozen)",
+        }
+    )
+    _run_phase(clf, data, cfg, 2, t.fine_tune_lr, t.initial_epochs, t.fine_tune_epochs, rows, extra)
+
+    history = pd.DataFrame(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "history.csv"
+        history.to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+    _log_figure(learning_curves(history), "learning_curves.png")
+    if "gap/total" in history:
+        _log_figure(gap_chart(history), "gap.png")
+    mlflow.log_text(gap_summary(rows), "gap_summary.txt")
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    mlflow.set_tag("model.weights_sha256", weights_digest(clf.model))
+    return float(history["val_accuracy"].iloc[-1])
