@@ -89,6 +89,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     seed: int = 42
+    # Multirun jobs whose config already FINISHED in the experiment are skipped (not retrained).
+    resume: bool = True
+    # TF threads per job; null = all cores, divided among the launcher's parallel jobs.
+    threads: int | None = None
     # Filled by the Optuna sweeper; here so the schema accepts it.
     optuna: dict[str, Any] | None = None
 

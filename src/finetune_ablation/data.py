@@ -155,7 +155,7 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     if cfg.synthetic:
         from .demo_data import ensure_demo_dataset
 
-        ensure_demo_dataset(cfg.dir, cfg.image_size, cfg.synthetic_images_per_class, cfg.seed)
+        ensure_demo_dataset(cfg.dir, cfg.synthetic_images_per_class, cfg.seed)
     class_names, files = scan_folder(cfg.dir)
     by_path = {str(f.path): f for f in files}
     try:

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from .errors import UserError
 
 CLASSES = ("alpaca", "not_alpaca")
+GENERATED_SIZE = 128  # pixels; the data pipeline resizes to data.image_size like any user folder
 _MARKER = "demo_dataset.json"
 
 
@@ -49,13 +50,13 @@ def write_image_folder(
             _draw(rng, label % 2, image_size).save(folder / f"{name}_{i:03d}.png")
 
 
-def ensure_demo_dataset(directory: str | None, image_size: int, per_class: int, seed: int) -> None:
+def ensure_demo_dataset(directory: str | None, per_class: int, seed: int) -> None:
     """Generate the demo folder once per settings; later runs (and parallel jobs) reuse it."""
     if not directory:
         raise UserError("data.synthetic=true needs data.dir: the folder to write the demo images into")
     root = Path(directory).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    wanted = {"image_size": image_size, "per_class": per_class, "seed": seed, "classes": list(CLASSES)}
+    wanted = {"image_size": GENERATED_SIZE, "per_class": per_class, "seed": seed, "classes": list(CLASSES)}
     with FileLock(str(root / ".demo.lock")):
         marker = root / _MARKER
         if marker.exists() and json.loads(marker.read_text()) == wanted:
@@ -63,5 +64,5 @@ def ensure_demo_dataset(directory: str | None, image_size: int, per_class: int, 
         for name in CLASSES:
             for old in (root / name).glob("*.png"):
                 old.unlink()
-        write_image_folder(root, image_size, per_class, seed)
+        write_image_folder(root, GENERATED_SIZE, per_class, seed)
         marker.write_text(json.dumps(wanted))

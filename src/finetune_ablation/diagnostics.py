@@ -85,21 +85,22 @@ class GapMeter:
         self.seed = seed
         self.bns = batchnorm_layers(clf.base)
         self.has_trainable_bn = any(bn.trainable for bn in self.bns)
-        self.base_is_stochastic = any(
-            isinstance(layer, _STOCHASTIC_LAYERS) for layer in walk_layers(clf.base)
-        )
+        self.base_is_stochastic = any(isinstance(layer, _STOCHASTIC_LAYERS) for layer in walk_layers(clf.base))
         self.augments = augments(clf.augmentation)
         self._seed_states = [
             v for layer in (clf.augmentation, clf.dropout) for v in layer.variables if "seed" in v.path
         ]
         self._dropout_seeds = [v for v in clf.dropout.variables if "seed" in v.path]
-        kw = {"reduce_retracing": True}
-        self._augment = tf.function(lambda x: clf.augmentation(x, training=True), **kw)
-        self._features_train = tf.function(lambda x: clf.base(clf.preprocess(x), training=True), **kw)
-        self._features_infer = tf.function(lambda x: clf.base(clf.preprocess(x), training=False), **kw)
-        self._features_no_bn = tf.function(self._trace_no_bn, **kw)
-        self._head_dropout = tf.function(lambda f: clf.head(clf.dropout(clf.pool(f), training=True)), **kw)
-        self._head_infer = tf.function(lambda f: clf.head(clf.pool(f)), **kw)
+        # one trace per function: the batch dimension is free (the last batch is smaller)
+        size = clf.model.input_shape[1:]
+        images = {"input_signature": [tf.TensorSpec((None, *size), tf.float32)]}
+        features = {"input_signature": [tf.TensorSpec((None, *clf.base.output_shape[1:]), tf.float32)]}
+        self._augment = tf.function(lambda x: clf.augmentation(x, training=True), **images)
+        self._features_train = tf.function(lambda x: clf.base(clf.preprocess(x), training=True), **images)
+        self._features_infer = tf.function(lambda x: clf.base(clf.preprocess(x), training=False), **images)
+        self._features_no_bn = tf.function(self._trace_no_bn, **images)
+        self._head_dropout = tf.function(lambda f: clf.head(clf.dropout(clf.pool(f), training=True)), **features)
+        self._head_infer = tf.function(lambda f: clf.head(clf.pool(f)), **features)
 
     def _trace_no_bn(self, x):
         with _batchnorm_on_moving_stats(self.bns):
