@@ -187,3 +187,20 @@ def test_resolved_config_artifact_round_trips(store):
     logged = OmegaConf.load(path)
     assert logged.model.fine_tune_at == 100
     assert json.dumps(OmegaConf.to_container(logged.train), sort_keys=True)
+
+
+def test_more_than_two_classes_train_a_softmax_head(tmp_path, tracking_uri):
+    from finetune_ablation.demo_data import write_image_folder
+
+    write_image_folder(tmp_path / "three", 32, per_class=12, seed=1, classes=("alpaca", "llama", "vicuna"))
+    cfg = make_cfg(tmp_path / "three", tracking_uri, "train.initial_epochs=1", "train.fine_tune_epochs=1")
+    assert run_job(cfg) is not None
+    (run,) = runs(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.class_names"] == "alpaca,llama,vicuna"
+    assert run.data.metrics["phase1/trainable_params_head"] == 1280 * 3 + 3
+    assert math.isclose(
+        sum(run.data.metrics[f"gap/{c}"] for c in ("lag", "batchnorm", "dropout", "augmentation", "split")),
+        run.data.metrics["gap/total"],
+        abs_tol=1e-9,
+    )

@@ -107,7 +107,24 @@ def test_failed_imagenet_download_names_the_offline_options(tmp_path, monkeypatc
 
 
 def test_unknown_base_module_is_refused():
-    with pytest.raises(UserError, match="not a keras.applications module"):
+    with pytest.raises(UserError, match=r"not a keras\.applications module"):
         load_base(_model_cfg(name="os"), 32)
     with pytest.raises(UserError, match="not a constructor"):
         load_base(_model_cfg(architecture="preprocess_input"), 32)
+
+
+def test_fine_tune_at_accepts_index_name_and_beyond_the_end():
+    from finetune_ablation.model import freeze_base, resolve_fine_tune_at, unfreeze_top
+
+    base = load_base(_model_cfg(weights=None), 32)
+    assert len(base.layers) == 154  # Keras 3 MobileNetV2 (tf.keras 2 had 155)
+    assert resolve_fine_tune_at(base, "block_16_expand") == [layer.name for layer in base.layers].index(
+        "block_16_expand"
+    )
+    freeze_base(base)
+    assert unfreeze_top(base, resolve_fine_tune_at(base, 500), freeze_bn=False) is None
+    assert base.trainable_weights == []  # nothing unfrozen: phase 2 is plain extra epochs
+    assert unfreeze_top(base, 0, freeze_bn=True) == base.layers[0].name
+    assert base.trainable_weights and all(
+        "gamma" not in w.path and "beta" not in w.path for w in base.trainable_weights
+    )

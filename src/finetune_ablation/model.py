@@ -177,8 +177,10 @@ def freeze_base(base: keras.Model) -> None:
 def unfreeze_top(base: keras.Model, fine_tune_at: int, freeze_bn: bool) -> str | None:
     """Phase 2: unfreeze ``base.layers[fine_tune_at:]``; returns the first unfrozen layer's name."""
     base.trainable = True
-    for layer in base.layers[:fine_tune_at]:
-        layer.trainable = False
+    # Set every layer explicitly: Keras 3 skips propagating ``base.trainable = True`` when the flag is
+    # already True, which would leave layers frozen one by one earlier still frozen.
+    for index, layer in enumerate(base.layers):
+        layer.trainable = index >= fine_tune_at
     if freeze_bn:
         for bn in batchnorm_layers(base):
             bn.trainable = False
