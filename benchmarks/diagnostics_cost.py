@@ -17,11 +17,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pandas as pd  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+import pandas as pd
+from hydra import compose, initialize_config_dir
 
-from finetune_ablation import cli  # noqa: E402
-from finetune_ablation.paths import CONF_DIR  # noqa: E402
+from finetune_ablation import cli
+from finetune_ablation.paths import CONF_DIR
 
 LEVELS = ("off", "final", "full")
 

@@ -99,7 +99,9 @@ def test_out_of_range_settings(capsys, tracking_uri, image_dir, override, expect
 
 def test_unreachable_tracking_server(capsys, image_dir):
     # loopback port 9 (discard): nothing listens, so the connection is refused at once
-    _fails(capsys, make_cfg(image_dir, "http://127.0.0.1:9"), "cannot reach the MLflow tracking store", "start the server")
+    _fails(
+        capsys, make_cfg(image_dir, "http://127.0.0.1:9"), "cannot reach the MLflow tracking store", "start the server"
+    )
 
 
 def test_tracking_uri_into_missing_folder(capsys, image_dir, tmp_path):

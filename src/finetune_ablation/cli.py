@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 # TF's C++ start-up chatter hides the one line a user needs; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -56,15 +57,45 @@ def _log_hydra_files() -> None:
             mlflow.log_artifacts(hydra_dir, ".hydra")
 
 
-def run_job(cfg: DictConfig) -> float | None:
+def _parallel_jobs() -> int:
+    """How many jobs this launcher runs at once on this machine (1 for the basic launcher)."""
+    if not _in_multirun():
+        return 1
+    n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
+    return (os.cpu_count() or 1) if n_jobs < 0 else int(n_jobs)
+
+
+def _threads(cfg: DictConfig) -> int | None:
+    """TF threads per job: ``threads``, else the cores divided among parallel jobs (FACTS: on 2 cores
+    two joblib workers with default pools fight)."""
+    if cfg.threads:
+        return int(cfg.threads)
+    jobs = _parallel_jobs()
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
+def _reuse(client, done, parent_id: str | None) -> float | None:
+    """Resume: a FINISHED run of this exact config exists, so train nothing and return its result."""
+    from .sweep import REUSED_TAG
+
+    if parent_id:
+        client.set_tag(done.info.run_id, REUSED_TAG, parent_id)
+    value = done.data.metrics.get("val_accuracy")
+    log.info("skipped: this config already FINISHED as MLflow run %s (resume=false to run again)", done.info.run_id)
+    return value
+
+
+def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float | None:
     """One job: connect to MLflow, open a run, train, close the run FINISHED or FAILED.
 
-    A bad input prints one line and exits 2 in a single run; in a multirun it fails only this job
-    (the run is FAILED in MLflow, the sweep goes on) and returns None."""
+    In a multirun the run is a child of the sweep's parent run, and with ``resume=true`` a config
+    that already FINISHED is not trained again. A bad input prints one line and exits 2 in a single
+    run; in a multirun it fails only this job (FAILED in MLflow, the sweep goes on) and returns None."""
     import mlflow
 
-    from . import tracking
-    from .train import train_and_log
+    from . import sweep, tracking
+    from .train import limit_tf_threads, train_and_log
+    from .trial import trial_callbacks, trial_tags
 
     try:
         uri = tracking.resolve_uri(cfg.tracking)
@@ -72,19 +103,35 @@ def run_job(cfg: DictConfig) -> float | None:
         experiment_id = tracking.ensure_experiment(client, uri, cfg.tracking.experiment)
     except UserError as exc:
         return _fail(exc)
-    mlflow.set_tracking_uri(uri)
+    config_hash = tracking.config_hash(cfg)
     tags = {
-        "config_hash": tracking.config_hash(cfg),
+        "config_hash": config_hash,
         **tracking.git_state(),
         **tracking.package_versions(),
         **_hydra_tags(),
+        **(extra_tags or {}),
+        **trial_tags(cfg),
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags) as run:
+    parent_id = None
+    if _in_multirun():
+        sweep_dir = str(Path(HydraConfig.get().sweep.dir).resolve())
+        parent = sweep.find_parent_run(client, experiment_id, sweep_dir)
+        parent_id = parent.info.run_id if parent else None
+        tags[sweep.DIR_TAG] = sweep_dir
+        if cfg.resume:
+            done = sweep.finished_run_with_hash(client, experiment_id, config_hash)
+            if done is not None:
+                return _reuse(client, done, parent_id)
+    limit_tf_threads(_threads(cfg))
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags, parent_run_id=parent_id
+    ) as run:
         try:
             mlflow.log_params(tracking.config_params(cfg))
             _log_hydra_files()
             validate(cfg)
-            result = train_and_log(cfg)
+            result = train_and_log(cfg, extra_callbacks=trial_callbacks(cfg))
         except KeyboardInterrupt as exc:
             tracking.end_run_failed(exc, status="KILLED")
             raise
@@ -119,8 +166,12 @@ def _app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console-script entry point (``ablate``)."""
+    """Console-script entry point (``ablate``): non-zero exit when jobs of a multirun failed."""
+    from . import sweep
+
     _app()
+    if sweep.failed_jobs_in_last_sweep:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class Config:
     # TF threads per job; null = all cores, divided among the launcher's parallel jobs.
     threads: int | None = None
     # Filled by the Optuna sweeper; here so the schema accepts it.
-    optuna: dict[str, Any] | None = None
+    optuna: Any = None
 
 
 def register_configs() -> None:
@@ -119,9 +119,7 @@ def validate(cfg: Any) -> None:
         0 < d.validation_split < 1,
         f"data.validation_split={d.validation_split} must be between 0 and 1 (exclusive), e.g. 0.2",
     )
-    _require(
-        0 <= m.dropout < 1, f"model.dropout={m.dropout} is out of range: use a value in [0, 1), e.g. 0.2"
-    )
+    _require(0 <= m.dropout < 1, f"model.dropout={m.dropout} is out of range: use a value in [0, 1), e.g. 0.2")
     for key, value in (("train.base_lr", t.base_lr), ("train.fine_tune_lr", t.fine_tune_lr)):
         _require(math.isfinite(value) and value > 0, f"{key}={value} must be a positive number, e.g. 1e-4")
     for key, value in (

@@ -74,8 +74,7 @@ def _check_decodes(path: Path) -> None:
         tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
         raise UserError(
-            f"corrupt image {path}: it cannot be decoded ({exc.message.splitlines()[0]}); "
-            "delete or replace the file"
+            f"corrupt image {path}: it cannot be decoded ({exc.message.splitlines()[0]}); delete or replace the file"
         ) from None
 
 
@@ -83,8 +82,7 @@ def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
     """Class names (sorted visible sub-folders) and every image, each checked to decode."""
     if not directory:
         raise UserError(
-            "data.dir is not set: pass data.dir=PATH (a folder with one sub-folder per class), "
-            "or try experiment=demo"
+            "data.dir is not set: pass data.dir=PATH (a folder with one sub-folder per class), or try experiment=demo"
         )
     root = Path(directory).expanduser()
     if not root.is_dir():
@@ -116,9 +114,7 @@ def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
                 files.append(ImageFile(path, path.relative_to(root).as_posix(), name, _sha256(path)))
                 found += 1
         if found == 0:
-            raise UserError(
-                f"class folder {root / name} has no images: add images or remove the empty folder"
-            )
+            raise UserError(f"class folder {root / name} has no images: add images or remove the empty folder")
     return class_names, files
 
 

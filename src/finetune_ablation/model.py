@@ -190,9 +190,7 @@ def unfreeze_top(base: keras.Model, fine_tune_at: int, freeze_bn: bool) -> str |
 def bn_moving_stats(base: keras.Model) -> list[np.ndarray]:
     """Copies of every BN moving mean and variance, to measure how much a phase moved them."""
     return [
-        np.array(v.numpy(), copy=True)
-        for bn in batchnorm_layers(base)
-        for v in (bn.moving_mean, bn.moving_variance)
+        np.array(v.numpy(), copy=True) for bn in batchnorm_layers(base) for v in (bn.moving_mean, bn.moving_variance)
     ]
 
 
@@ -222,8 +220,7 @@ def trainable_report(clf: Classifier) -> str:
     lines = [f"{'idx':>4}  {'layer':<32} {'type':<24} {'trainable':<9} params"]
     for i, layer in enumerate(clf.base.layers):
         lines.append(
-            f"{i:>4}  {layer.name:<32} {type(layer).__name__:<24} {layer.trainable!s:<9} "
-            f"{count_params(layer.weights)}"
+            f"{i:>4}  {layer.name:<32} {type(layer).__name__:<24} {layer.trainable!s:<9} {count_params(layer.weights)}"
         )
     summary = trainable_summary(clf)
     lines.append("")

@@ -49,9 +49,7 @@ def learning_curves(history: pd.DataFrame) -> plt.Figure:
 
 def gap_chart(history: pd.DataFrame) -> plt.Figure:
     """Stacked bars of the gap components per epoch (positive up, negative down), total marked."""
-    measured = (
-        history.dropna(subset=["gap/total", "gap/split"]) if "gap/split" in history else history.iloc[0:0]
-    )
+    measured = history.dropna(subset=["gap/total", "gap/split"]) if "gap/split" in history else history.iloc[0:0]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(measured) + 3), 4.5))
     epochs = measured["epoch"].to_numpy()
     up = [0.0] * len(measured)

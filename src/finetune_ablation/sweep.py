@@ -91,10 +91,11 @@ def summarize(client: mlflow.MlflowClient, experiment_id: str, parent: Run) -> p
             "pruned": run.data.tags.get("pruned") == "true",
             "error": run.data.tags.get("error", ""),
         }
-        row.update({f"override.{k}": v for k, v in _overrides(run).items()})
+        # the Optuna hand-off differs per trial but is bookkeeping, not a swept value
+        row.update({f"override.{k}": v for k, v in _overrides(run).items() if k != "optuna"})
         row.update({m: run.data.metrics.get(m) for m in SUMMARY_METRICS})
         rows.append(row)
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=["run_id", "status", "reused", "pruned", "error"] if not rows else None)
     constant = [c for c in frame.columns if c.startswith("override.") and frame[c].nunique(dropna=False) <= 1]
     return frame.drop(columns=constant) if len(frame) > 1 else frame
 

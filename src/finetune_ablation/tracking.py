@@ -32,7 +32,8 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URI (None for any other store)."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
@@ -54,7 +55,7 @@ def _no_http_retries():
 
 def connect(uri: str) -> mlflow.MlflowClient:
     """A client for ``uri``, checked to answer; a clear error naming the URI otherwise."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         if uri == default_tracking_uri():
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ def connect(uri: str) -> mlflow.MlflowClient:
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Keep a local store's artifacts beside its database, whatever the working directory."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         return None  # a server decides for itself
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
