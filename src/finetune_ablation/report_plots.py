@@ -1,0 +1,98 @@
+"""Figures of the study report: main effects per factor, the study's gap decomposition, and the learning
+curves of the best and worst run. Accuracies are drawn in percentage points, error bars are the 95%
+t-intervals of the tables, so a figure never shows more certainty than the numbers beside it."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+MAIN_EFFECT_METRICS = ("val_accuracy", "accuracy", "train_clean_accuracy")
+_STYLE = {"val_accuracy": "-^", "accuracy": "-o", "train_clean_accuracy": "--s"}
+_VERDICT_COLOURS = {"real": "tab:red", "absent: exactly 0 in every run": "lightgray"}
+
+
+def _error_bars(table: pd.DataFrame) -> np.ndarray:
+    """Asymmetric yerr from the interval columns; 0 where a level has one run (no interval)."""
+    low = (100 * (table["mean"] - table["ci_low"])).fillna(0).to_numpy()
+    high = (100 * (table["ci_high"] - table["mean"])).fillna(0).to_numpy()
+    return np.vstack([low, high])
+
+
+def main_effects(tables: dict[str, pd.DataFrame]) -> plt.Figure:
+    """One panel per factor: mean final accuracies per level with 95% intervals."""
+    count = len(tables)
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    for ax, (name, table) in zip(axes.flat, tables.items(), strict=False):
+        levels = list(dict.fromkeys(table["level"]))
+        x = np.arange(len(levels))
+        for offset, metric in zip((-0.08, 0.0, 0.08), MAIN_EFFECT_METRICS, strict=True):
+            rows_of = table[table["metric"] == metric].set_index("level").loc[levels]
+            if rows_of["n"].sum() == 0:
+                continue
+            ax.errorbar(
+                x + offset, 100 * rows_of["mean"], yerr=_error_bars(rows_of), fmt=_STYLE[metric],
+                capsize=3, markersize=5, label=metric,
+            )  # fmt: skip
+        ax.set_xticks(x, levels, rotation=20 if max(len(v) for v in levels) > 8 else 0, fontsize=8)
+        ax.set_title(name)
+        ax.set_ylim(-5, 105)  # accuracy lives in [0, 100]; a wider interval runs off the edge
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[count:]:
+        ax.set_visible(False)
+    fig.suptitle("Main effects: mean per level, 95% interval (axis 0-100)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def gap_bars(ranking: pd.DataFrame, total: pd.Series) -> plt.Figure:
+    """Horizontal bars: each gap component (ranked) and the total, with their 95% intervals."""
+    frame = pd.concat([ranking, total.to_frame().T], ignore_index=True)
+    frame = frame[frame["n"] > 0]
+    y = np.arange(len(frame))[::-1]
+    colours = [
+        "black" if c == "total" else _VERDICT_COLOURS.get(v, "tab:blue")
+        for c, v in zip(frame["component"], frame["verdict"], strict=True)
+    ]
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(frame) + 1.8))
+    ax.barh(y, 100 * frame["mean"], xerr=_error_bars(frame), color=colours, capsize=4, height=0.6)
+    ax.set_yticks(y, frame["component"])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("accuracy points (validation - training), final epoch, mean over runs")
+    ax.set_title("Why validation beats training (red: interval excludes 0)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def best_worst_curves(curves: dict[str, pd.DataFrame], boundaries: dict[str, float | None]) -> plt.Figure:
+    """Accuracy and loss per epoch of the best and the worst run (one row each)."""
+    fig, axes = plt.subplots(len(curves), 2, figsize=(11, 3.8 * len(curves)), squeeze=False)
+    for (title, history), (acc_ax, loss_ax) in zip(curves.items(), axes, strict=True):
+        for column in MAIN_EFFECT_METRICS:
+            if column in history:
+                acc_ax.plot(history.index, 100 * history[column], _STYLE[column], label=column, markersize=4)
+        for column, style in (("loss", "-o"), ("val_loss", "-^")):
+            if column in history:
+                loss_ax.plot(history.index, history[column], style, label=column, markersize=4)
+        for ax, what in ((acc_ax, "accuracy (%)"), (loss_ax, "loss")):
+            if boundaries.get(title) is not None:
+                ax.axvline(boundaries[title], color="black", linestyle=":", label="fine-tuning starts")
+            ax.set_title(f"{title}: {what}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

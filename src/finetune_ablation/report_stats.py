@@ -1,0 +1,252 @@
+"""The report's statistics as small pure functions on pandas objects, so tests can redo them by hand.
+
+Every number is the final-epoch value of one run; the runs at one level of a factor are pooled over
+seeds and every other factor. Intervals are Student-t intervals for the mean: a study has 2-5 runs per
+level, where the normal 1.96 would claim far too much (t is 12.7 for two runs, 4.3 for three)."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+NOT_LOGGED = "(not logged)"
+MAX_LEVELS = 8  # a numeric factor with more distinct values (an Optuna search) is binned
+BINS = 4
+
+# Seeds are the replicates the levels are averaged over, not a factor.
+REPLICATE_KEYS = ("seed",)
+# Params that say where or how a run was recorded, or that training derives from other settings.
+_NOT_FACTOR_KEYS = {
+    "resume",
+    "threads",
+    "optuna",
+    "data.class_names",
+    "model.fine_tune_at_index",
+    "model.first_unfrozen_layer",
+}
+_NOT_FACTOR_PREFIXES = ("tracking.", "optuna.", "data.count.")
+
+PARENT_ROLE_TAG = "sweep.role"
+REUSED_TAG = "sweep.last_reused_by"
+PRUNED_TAG = "pruned"
+REPRODUCED_TAG = "reproduced_from"
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    mean: float
+    sd: float
+    ci_low: float
+    ci_high: float
+
+    def excludes_zero(self) -> bool:
+        return self.n >= 2 and (self.ci_low > 0 or self.ci_high < 0)
+
+
+def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
+    """Mean, sample sd (ddof=1) and the t-interval of the mean; missing values are left out."""
+    x = pd.Series(list(values), dtype=float).dropna()
+    n = len(x)
+    if n == 0:
+        return Summary(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n == 1:
+        return Summary(1, mean, math.nan, math.nan, math.nan)
+    sd = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, df=n - 1)) * sd / math.sqrt(n)
+    return Summary(n, mean, sd, mean - half, mean + half)
+
+
+def verdict(s: Summary) -> str:
+    """Plain words for one gap component: is it there, beyond run-to-run noise?"""
+    if s.n == 0:
+        return "not measured (diagnostics=off)"
+    if s.n == 1:
+        return "one run only: no interval, repeat over seeds"
+    if s.mean == 0 and s.sd == 0:
+        return "absent: exactly 0 in every run"
+    if s.excludes_zero():
+        return "real"
+    return "not distinguishable from zero"
+
+
+def _tag(runs: pd.DataFrame, name: str) -> pd.Series:
+    column = f"tags.{name}"
+    return runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
+
+
+def classify(runs: pd.DataFrame) -> pd.Series:
+    """What each run is to the report: finished (used), failed, pruned, running, or not a job at all
+    (a sweep's parent run, a reproduction of another run). Later rules win."""
+    kind = pd.Series("failed", index=runs.index, dtype=object)  # FAILED and KILLED
+    kind[runs["status"].isin(["RUNNING", "SCHEDULED"])] = "running"
+    kind[runs["status"] == "FINISHED"] = "finished"
+    kind[_tag(runs, PRUNED_TAG) == "true"] = "pruned"
+    kind[_tag(runs, REPRODUCED_TAG).notna()] = "reproduction"
+    kind[_tag(runs, PARENT_ROLE_TAG) == "parent"] = "parent"
+    return kind
+
+
+def is_factor_key(key: str) -> bool:
+    return not (key in _NOT_FACTOR_KEYS or key in REPLICATE_KEYS or key.startswith(_NOT_FACTOR_PREFIXES))
+
+
+def param_values(runs: pd.DataFrame, key: str) -> pd.Series:
+    """A param per run as logged (a string), ``(not logged)`` where a run lacks it."""
+    column = f"params.{key}"
+    if column not in runs:
+        return pd.Series(NOT_LOGGED, index=runs.index, dtype=object)
+    return runs[column].fillna(NOT_LOGGED).astype(str)
+
+
+def varying_params(runs: pd.DataFrame, keys: Iterable[str] | None = None) -> list[str]:
+    """Params (all, or ``keys``) that take more than one value across ``runs``."""
+    if keys is None:
+        keys = sorted(c[len("params.") :] for c in runs.columns if c.startswith("params."))
+    return [k for k in keys if param_values(runs, k).nunique() > 1]
+
+
+def override_choices(runs: pd.DataFrame, groups: Iterable[str]) -> pd.DataFrame:
+    """Config-group choices (``augment=strong``) from each run's ``hydra.overrides`` tag, one column per
+    group; ``(default)`` where a run did not choose. The tag is Hydra's space-joined task overrides."""
+    groups = set(groups)
+    rows = []
+    for text in _tag(runs, "hydra.overrides").fillna(""):
+        try:
+            tokens = shlex.split(text)
+        except ValueError:
+            tokens = []
+        pairs = (t.split("=", 1) for t in tokens if "=" in t)
+        rows.append({k.lstrip("+"): v for k, v in pairs if k.lstrip("+") in groups})
+    frame = pd.DataFrame(rows, index=runs.index, columns=sorted(groups))
+    return frame.fillna("(default)").astype(str)
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str  # a param key (model.dropout) or a config group (augment)
+    levels: pd.Series  # level label per run, same index as the runs
+    order: tuple[str, ...]  # levels, in the order tables and plots show them
+    covers: tuple[str, ...] = ()  # params that change with a config-group choice
+    note: str = ""
+
+
+def level_order(labels: pd.Series) -> tuple[str, ...]:
+    """Numeric levels in numeric order, others alphabetically; ``(not logged)`` last."""
+    present = [v for v in pd.unique(labels) if v != NOT_LOGGED]
+    try:
+        ordered = sorted(present, key=float)
+    except (TypeError, ValueError):
+        ordered = sorted(present, key=str)
+    return tuple(ordered) + ((NOT_LOGGED,) if (labels == NOT_LOGGED).any() else ())
+
+
+def bin_numeric(values: pd.Series, bins: int = BINS) -> tuple[pd.Series, tuple[str, ...]] | None:
+    """Quantile bins for a numeric factor with many levels; None when the values are not numbers."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.isna().any():
+        return None
+    cut = pd.qcut(numbers, q=bins, duplicates="drop")
+    labels = cut.astype(str)
+    order = tuple(str(c) for c in cut.cat.categories if (labels == str(c)).any())
+    return labels, order
+
+
+def _determined_by(key_values: pd.Series, group: pd.Series) -> bool:
+    """True when the param takes one value within every level of the group choice."""
+    return bool((key_values.groupby(group).nunique() <= 1).all())
+
+
+def find_factors(finished: pd.DataFrame, groups: Iterable[str] = ()) -> list[Factor]:
+    """Swept keys of a study: varying config-group choices, then varying params not explained by them."""
+    factors: list[Factor] = []
+    choices = override_choices(finished, groups)
+    varying = [k for k in varying_params(finished) if is_factor_key(k)]
+    explained: set[str] = set()
+    for group in choices.columns:
+        level = choices[group]
+        if level.nunique() <= 1:
+            continue
+        covers = tuple(
+            k for k in varying if k.startswith(f"{group}.") and _determined_by(param_values(finished, k), level)
+        )
+        explained.update(covers)
+        factors.append(Factor(group, level, level_order(level), covers))
+    for key in varying:
+        if key in explained:
+            continue
+        values = param_values(finished, key)
+        binned = bin_numeric(values) if values.nunique() > MAX_LEVELS else None
+        if binned is None:
+            factors.append(Factor(key, values, level_order(values)))
+        else:
+            labels, order = binned
+            factors.append(Factor(key, labels, order, note=f"{values.nunique()} values, in {len(order)} bins"))
+    return sorted(factors, key=_factor_rank)
+
+
+# The issue's factors first, in the order a reader thinks about them; other swept keys after.
+_PREFERRED = (
+    "model.fine_tune_at",
+    "model.bn_training",
+    "model.freeze_bn",
+    "model.dropout",
+    "augment",
+    "train.fine_tune_lr",
+)
+
+
+def _factor_rank(factor: Factor) -> tuple[int, str]:
+    for i, name in enumerate(_PREFERRED):
+        if factor.name == name or factor.name.startswith(f"{name}."):
+            return i, factor.name
+    return len(_PREFERRED), factor.name
+
+
+def final_metrics(runs: pd.DataFrame, metrics: Iterable[str]) -> pd.DataFrame:
+    """Final-epoch value of each metric per run (MLflow's latest value); NaN where not logged."""
+    columns = {
+        m: pd.to_numeric(runs[f"metrics.{m}"], errors="coerce")
+        if f"metrics.{m}" in runs
+        else pd.Series(math.nan, index=runs.index)
+        for m in metrics
+    }
+    return pd.DataFrame(columns, index=runs.index)
+
+
+def factor_table(values: pd.DataFrame, factor: Factor) -> pd.DataFrame:
+    """Long table: one row per (level, metric) with n, mean, sd and the 95% interval."""
+    rows = []
+    for level in factor.order:
+        at_level = values[factor.levels == level]
+        for metric in values.columns:
+            s = summarize(at_level[metric])
+            rows.append({"factor": factor.name, "level": level, "runs": len(at_level), "metric": metric, **vars(s)})
+    return pd.DataFrame(rows)
+
+
+def gap_ranking(values: pd.DataFrame, components: Iterable[str]) -> pd.DataFrame:
+    """Gap components over the whole study, largest absolute mean first, each with its verdict."""
+    rows = []
+    for component in components:
+        s = summarize(values[component]) if component in values else summarize([])
+        rows.append({"component": component, **vars(s), "verdict": verdict(s)})
+    frame = pd.DataFrame(rows)
+    order = frame["mean"].abs().fillna(-1).sort_values(ascending=False, kind="stable").index
+    return frame.loc[order].reset_index(drop=True)
+
+
+def best_and_worst(finished: pd.DataFrame) -> tuple[str, str] | None:
+    """Run ids with the highest and lowest final val_accuracy (ties: lower val_loss is better)."""
+    scores = final_metrics(finished, ["val_accuracy", "val_loss"]).dropna(subset=["val_accuracy"])
+    if scores.empty:
+        return None
+    ranked = scores.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable")
+    return str(finished.loc[ranked.index[0], "run_id"]), str(finished.loc[ranked.index[-1], "run_id"])

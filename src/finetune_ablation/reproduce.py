@@ -1,0 +1,245 @@
+"""``ablate-reproduce RUN_ID``: run a logged run again and show that every per-epoch metric matches.
+
+    ablate-reproduce 3f2c...  [--tracking-uri URI] [--tolerance 0] [--allow-data-change]
+
+The config is the run's own logged ``config.yaml``, checked as untrusted input (``reproduce_config``)
+and cross-checked against today's ``conf/`` with the run's Hydra overrides. A different dataset stops
+the reproduction (the numbers could not be compared); a different git commit or package versions are
+warnings. The new run is tagged ``reproduced_from=RUN_ID`` and gets ``reproduce/max_abs_diff``; the
+exit code is 0 only when every metric of every epoch matches within ``--tolerance`` (default 0: the
+same machine and versions must give the same bits, FACTS)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+
+from . import tracking
+from .errors import UserError
+from .report_stats import PARENT_ROLE_TAG, PRUNED_TAG, REPRODUCED_TAG
+from .reproduce_config import Rebuilt, rebuild
+from .runstore import default_uri, get_run, open_store, run_cli
+
+_NOT_COMPARED = ("reproduce/", "system/")  # written by the reproduction / wall-clock system metrics
+History = list[tuple[int, float]]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ablate-reproduce", description="Run a logged run again and compare every per-epoch metric."
+    )
+    parser.add_argument("run_id", metavar="RUN_ID", help="the MLflow run to reproduce")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's mlruns/mlflow.db)",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=0.0, help="largest allowed |difference| of any metric (default 0)"
+    )
+    parser.add_argument(
+        "--allow-data-change", action="store_true", help="go on when the dataset differs from the run's"
+    )
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks before running
+
+
+def check_reproducible(run: Run) -> None:
+    """Only a finished job can be compared epoch by epoch."""
+    rid, tags = run.info.run_id, run.data.tags
+    if tags.get(PARENT_ROLE_TAG) == "parent":
+        raise UserError(f"run {rid} is a sweep's parent run: reproduce one of its child runs instead")
+    if tags.get(PRUNED_TAG) == "true":
+        raise UserError(f"run {rid} was pruned early: a re-run trains every epoch, so it cannot be compared")
+    if run.info.status != "FINISHED":
+        raise UserError(f"run {rid} is {run.info.status}: only FINISHED runs can be reproduced")
+
+
+def check_data(cfg: DictConfig, run: Run, allow_change: bool) -> list[str]:
+    """Recompute the dataset fingerprint the way the run computed it; a change stops the reproduction
+    unless allowed."""
+    from .data import load_datasets  # TensorFlow: only once the config passed every check
+
+    logged = run.data.tags.get("data.fingerprint")
+    try:
+        now = load_datasets(cfg.data).fingerprint
+    except UserError as exc:
+        raise UserError(f"cannot read the dataset of run {run.info.run_id}: {exc}") from None
+    if logged is None:
+        return [f"run {run.info.run_id} logged no data.fingerprint: the dataset cannot be checked"]
+    if now == logged:
+        return []
+    message = (
+        f"the dataset at data.dir={cfg.data.dir} differs from the one run {run.info.run_id} used "
+        f"(fingerprint {logged[:12]}... logged, {now[:12]}... now)"
+    )
+    if not allow_change:
+        raise UserError(f"{message}: the metrics could not be compared; restore it or pass --allow-data-change")
+    return [f"{message}; going on (--allow-data-change)"]
+
+
+def environment_warnings(run: Run) -> list[str]:
+    """Code and package versions that differ from the run's: the numbers may differ for that reason."""
+    tags, out = run.data.tags, []
+    git = tracking.git_state()
+    if tags.get("git.commit") not in (None, git["git.commit"]):
+        out.append(
+            f"run was made at git commit {tags['git.commit'][:12]}, this checkout is at {git['git.commit'][:12]}"
+        )
+    if tags.get("git.dirty") == "True":
+        out.append("run was made with uncommitted changes (git.dirty=True): its exact code is not recorded")
+    for key, now in tracking.package_versions().items():
+        then = tags.get(key)
+        if then is not None and then != now:
+            out.append(f"{key[len('version.') :]} was {then} for the run, is {now} here")
+    return out
+
+
+def reproduction_config(rebuilt: Rebuilt, run: Run, experiment: str, uri: str) -> DictConfig:
+    """The logged config, recorded into this store and the original's experiment under a telling name."""
+    name = f"reproduce {run.info.run_name or run.info.run_id}"[:250]
+    return OmegaConf.merge(rebuilt.cfg, {"tracking": {"uri": uri, "experiment": experiment, "run_name": name}})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparing
+
+
+@dataclass
+class Comparison:
+    table: pd.DataFrame  # metric, values, max_abs_diff, problem
+    max_abs_diff: float
+
+    def matches(self, tolerance: float) -> bool:
+        return self.max_abs_diff <= tolerance
+
+
+def metric_histories(client: mlflow.MlflowClient, run: Run) -> dict[str, History]:
+    """Every metric of a run as (step, value) in logging order, without the ones never compared."""
+    out = {}
+    for key in run.data.metrics:
+        if not key.startswith(_NOT_COMPARED):
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+            out[key] = [(m.step, m.value) for m in history]
+    return out
+
+
+def _diff(a: float, b: float) -> float:
+    if math.isnan(a) and math.isnan(b):
+        return 0.0
+    if math.isnan(a) or math.isnan(b):
+        return math.inf
+    return abs(a - b)
+
+
+def compare(original: dict[str, History], again: dict[str, History]) -> Comparison:
+    """Per metric, the largest |difference| over its epochs; a missing metric or epoch is infinite."""
+    rows = []
+    for key in sorted(original.keys() | again.keys()):
+        a, b = original.get(key), again.get(key)
+        if a is None or b is None:
+            problem = "only in the reproduction" if a is None else "missing from the reproduction"
+            rows.append({"metric": key, "values": len(a or b), "max_abs_diff": math.inf, "problem": problem})
+        elif [s for s, _ in a] != [s for s, _ in b]:
+            rows.append({"metric": key, "values": len(a), "max_abs_diff": math.inf, "problem": "different epochs"})
+        else:
+            diff = max((_diff(x, y) for (_, x), (_, y) in zip(a, b, strict=True)), default=0.0)
+            rows.append({"metric": key, "values": len(a), "max_abs_diff": diff, "problem": ""})
+    table = pd.DataFrame(rows, columns=["metric", "values", "max_abs_diff", "problem"])
+    return Comparison(table, float(table["max_abs_diff"].max()) if len(table) else 0.0)
+
+
+def record(client: mlflow.MlflowClient, run_id: str, comparison: Comparison, tolerance: float) -> None:
+    """The verdict on the new run itself: metric, tags and the per-metric table."""
+    client.log_metric(run_id, "reproduce/max_abs_diff", comparison.max_abs_diff)
+    client.set_tag(run_id, "reproduce.match", str(comparison.matches(tolerance)).lower())
+    client.set_tag(run_id, "reproduce.tolerance", str(tolerance))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reproduce_comparison.csv"
+        comparison.table.to_csv(path, index=False)
+        client.log_artifact(run_id, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def _run_again(cfg: DictConfig, run_id: str) -> str:
+    """Train through the same entry point as ``ablate`` and return the new run's id."""
+    from .cli import run_job
+
+    run_job(cfg, extra_tags={REPRODUCED_TAG: run_id})  # a bad input exits 2 with its own error line
+    new = mlflow.last_active_run()
+    if new is None or new.data.tags.get(REPRODUCED_TAG) != run_id:
+        raise UserError(f"the reproduction of run {run_id} did not start a run")
+    return new.info.run_id
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    if not (args.tolerance >= 0):
+        raise UserError(f"--tolerance={args.tolerance} must be a number >= 0")
+    uri = args.tracking_uri or default_uri()
+    client = open_store(uri)
+    run = get_run(client, args.run_id, uri)
+    check_reproducible(run)
+    rebuilt = rebuild(client, run)
+    _warn(rebuilt.warnings)
+    _warn(
+        [
+            f"config key {k}: logged {a!r}, today's conf/ gives {b!r} (logged value used)"
+            for k, a, b in rebuilt.differences
+        ]
+    )
+    _warn(environment_warnings(run))
+    _warn(check_data(rebuilt.cfg, run, args.allow_data_change))
+
+    experiment = client.get_experiment(run.info.experiment_id).name
+    new_id = _run_again(reproduction_config(rebuilt, run, experiment, uri), run.info.run_id)
+    comparison = compare(metric_histories(client, run), metric_histories(client, client.get_run(new_id)))
+    record(client, new_id, comparison, args.tolerance)
+    values = int(comparison.table["values"].sum())
+    summary = (
+        f"run {run.info.run_id} reproduced as {new_id}: "
+        f"{len(comparison.table)} metrics, {values} values compared, "
+        f"max |diff| = {comparison.max_abs_diff:.6g} (tolerance {args.tolerance:g})"
+    )
+    if comparison.matches(args.tolerance):
+        print(f"{summary}: match")
+        return 0
+    beyond = comparison.table[comparison.table["max_abs_diff"] > args.tolerance]
+    worst = beyond.sort_values("max_abs_diff", ascending=False).head(5)
+    detail = ", ".join(
+        f"{r.metric} {r.max_abs_diff:.3g}{' ' + r.problem if r.problem else ''}" for r in worst.itertuples()
+    )
+    print(f"error: {summary}: MISMATCH ({detail})", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``ablate-reproduce``)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr to our lines
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("finetune_ablation").setLevel(logging.INFO)
+    args = parse_args(argv)
+    sys.exit(run_cli(lambda: reproduce(args)))
+
+
+if __name__ == "__main__":
+    main()
