@@ -32,6 +32,7 @@ FAST = [
     "train.initial_epochs=2",
     "train.fine_tune_epochs=2",
     "train.verbose=0",
+    "cache.phase1=false",  # the phase-1 cache has its own tests (test_cache.py)
 ]
 
 

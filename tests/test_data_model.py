@@ -38,8 +38,11 @@ def test_training_split_reshuffles_but_measuring_view_does_not(image_dir):
     def image_sums(dataset) -> list[float]:
         return [float(s) for x, _ in dataset for s in x.numpy().sum(axis=(1, 2, 3))]
 
-    first, second = image_sums(data.train), image_sums(data.train)
+    batches = data.training_batches(phase=1)
+    first, second = image_sums(batches), image_sums(batches)
     assert sorted(first) == sorted(second) and first != second  # same images, new order each epoch
+    assert image_sums(data.training_batches(phase=1)) == first  # a phase's orders follow from the seed
+    assert image_sums(data.training_batches(phase=2)) != first
     assert image_sums(data.train_in_order) == image_sums(data.train_in_order)
 
 

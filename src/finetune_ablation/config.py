@@ -1,6 +1,6 @@
 """Typed schema of the Hydra config. Each dataclass is one config group and is consumed by one module:
 ``data`` -> data.py, ``augment`` -> augment.py, ``model`` -> model.py, ``train`` -> train.py,
-``tracking`` -> tracking.py, ``diagnostics`` -> diagnostics.py.
+``tracking`` -> tracking.py, ``diagnostics`` -> diagnostics.py, ``cache`` -> cache.py.
 
 Hydra validates types and key names against these classes at start-up; ``validate`` adds the range
 checks a type cannot express, with one-line messages that name the setting and the fix."""
@@ -81,6 +81,12 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str | None = None  # null: <project>/mlruns/cache
+    phase1: bool = True  # reuse phase 1 across runs that share it (e.g. a study over fine_tune_at)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -88,6 +94,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 42
     # Multirun jobs whose config already FINISHED in the experiment are skipped (not retrained).
     resume: bool = True

@@ -33,7 +33,7 @@ class ImageFile:
 
 @dataclass
 class Datasets:
-    train: tf.data.Dataset  # shuffled every epoch, batched
+    train_images: tf.data.Dataset  # training split, decoded and cached, unbatched, fixed order
     val: tf.data.Dataset  # fixed order, batched
     train_in_order: tf.data.Dataset  # training split, fixed order, batched: for measuring passes
     class_names: list[str]
@@ -41,6 +41,19 @@ class Datasets:
     val_files: list[ImageFile]
     fingerprint: str
     cross_split_duplicates: int
+    batch_size: int
+    seed: int
+
+    def training_batches(self, phase: int) -> tf.data.Dataset:
+        """The training split reshuffled every epoch. Each phase starts its own shuffle sequence from the
+        seed, so phase 2 sees the same orders whether phase 1 was trained or loaded from the cache."""
+        return (
+            self.train_images.shuffle(
+                len(self.train_files), seed=self.seed + 1_000_003 * phase, reshuffle_each_iteration=True
+            )
+            .batch(self.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
 
     @property
     def num_classes(self) -> int:
@@ -175,18 +188,13 @@ def load_datasets(cfg: DataConfig) -> Datasets:
 
     train_cached = _images(train_files, class_names, cfg)
     val_cached = _images(val_files, class_names, cfg)
-    train = (
-        train_cached.shuffle(len(train_files), seed=cfg.seed, reshuffle_each_iteration=True)
-        .batch(cfg.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
     val = val_cached.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
     train_in_order = train_cached.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
 
     train_hashes = {f.sha256 for f in train_files}
     duplicates = sum(1 for f in val_files if f.sha256 in train_hashes)
     return Datasets(
-        train=train,
+        train_images=train_cached,
         val=val,
         train_in_order=train_in_order,
         class_names=class_names,
@@ -194,4 +202,6 @@ def load_datasets(cfg: DataConfig) -> Datasets:
         val_files=val_files,
         fingerprint=fingerprint(files),
         cross_split_duplicates=duplicates,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
     )

@@ -25,7 +25,7 @@ from .paths import PROJECT_ROOT, default_tracking_uri
 
 MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
 # Keys that say where and how a run is recorded, not what it computes: left out of the config hash.
-_NOT_HASHED = ("tracking", "optuna", "resume", "threads")
+_NOT_HASHED = ("tracking", "optuna", "resume", "threads", "cache")
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:

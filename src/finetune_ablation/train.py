@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -19,6 +20,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from .augment import build_augmentation
+from .cache import Phase1Cache, Phase1State, cache_dir, phase1_key
 from .config import DiagnosticsLevel
 from .data import Datasets, load_datasets
 from .diagnostics import GapDiagnostics, GapMeter, gap_summary
@@ -96,6 +98,19 @@ def _log_data(data: Datasets) -> None:
         )
 
 
+@dataclass
+class PhaseRecord:
+    """What a phase leaves besides its per-epoch rows: phase metrics and the trainable-weights report."""
+
+    phase: int
+    metrics: dict[str, float]
+    report: str
+
+    def log(self) -> None:
+        mlflow.log_metrics({f"phase{self.phase}/{k}": v for k, v in self.metrics.items()})
+        mlflow.log_text(self.report, f"trainable_weights_phase{self.phase}.txt")
+
+
 def _run_phase(
     clf: Classifier,
     data: Datasets,
@@ -106,11 +121,11 @@ def _run_phase(
     epochs: int,
     rows: list[dict],
     extra_callbacks: list[keras.callbacks.Callback],
-) -> None:
+) -> PhaseRecord:
+    """Compile with a new optimizer, fit ``epochs`` epochs numbered from ``first_epoch``, measure."""
     _compile(clf, learning_rate)
-    summary = trainable_summary(clf)
-    mlflow.log_metrics({f"phase{phase}/{k}": float(v) for k, v in summary.items()})
-    mlflow.log_text(trainable_report(clf), f"trainable_weights_phase{phase}.txt")
+    summary = {k: float(v) for k, v in trainable_summary(clf).items()}
+    report = trainable_report(clf)
     last_epoch = first_epoch + epochs - 1
     callbacks: list[keras.callbacks.Callback] = []
     if cfg.diagnostics.level != DiagnosticsLevel.off:
@@ -120,7 +135,7 @@ def _run_phase(
     callbacks.extend(extra_callbacks)
     before = bn_moving_stats(clf.base)
     clf.model.fit(
-        data.train,
+        data.training_batches(phase),
         validation_data=data.val,
         initial_epoch=first_epoch,
         epochs=last_epoch + 1,  # epochs continue from phase 1: no repeated epoch number
@@ -128,8 +143,43 @@ def _run_phase(
         verbose=cfg.train.verbose,
         shuffle=False,  # the training split is already reshuffled every epoch by tf.data
     )
-    bn_delta = max_abs_change(before, bn_moving_stats(clf.base))
-    mlflow.log_metric(f"phase{phase}/bn_moving_stats_delta", bn_delta)
+    summary["bn_moving_stats_delta"] = max_abs_change(before, bn_moving_stats(clf.base))
+    record = PhaseRecord(phase, summary, report)
+    record.log()
+    return record
+
+
+def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict]) -> None:
+    """Phase 1: calibrate (if asked) and train the head on the frozen base, or load it from the cache."""
+
+    def train() -> PhaseRecord:
+        if cfg.model.calibrate_bn:
+            batches = [x.numpy() for x, _ in data.train_in_order.take(max(1, 256 // cfg.data.batch_size))]
+            calibrate_batchnorm(clf.base, clf.preprocess, np.concatenate(batches))
+        freeze_base(clf.base)
+        return _run_phase(clf, data, cfg, 1, cfg.train.base_lr, 0, cfg.train.initial_epochs, rows, [])
+
+    if not cfg.cache.phase1:
+        mlflow.set_tag("phase1_cache", "off")
+        train()
+        return
+    cache = Phase1Cache(cache_dir(cfg.cache))
+    key = phase1_key(cfg, data.fingerprint)
+    mlflow.set_tag("phase1_cache_key", key)
+    with cache.locked(key):
+        state = cache.load(key)
+        if state is None:
+            record = train()
+            cache.save(key, Phase1State.capture(clf.model, rows, record.metrics, record.report))
+            mlflow.set_tag("phase1_cache", "miss")
+            return
+    freeze_base(clf.base)
+    state.restore(clf.model)
+    for row in state.rows:  # every run still holds complete curves
+        mlflow.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=row["epoch"])
+    rows.extend(state.rows)
+    PhaseRecord(1, state.metrics, state.report).log()
+    mlflow.set_tag("phase1_cache", "hit")
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -157,9 +207,6 @@ def train_and_log(cfg: DictConfig, extra_callbacks: list[keras.callbacks.Callbac
     base = load_base(cfg.model, cfg.data.image_size)
     augmentation = build_augmentation(cfg.augment, cfg.seed)
     clf = build_classifier(cfg.model, base, augmentation, data.num_classes, cfg.data.image_size)
-    if cfg.model.calibrate_bn:
-        batches = [x.numpy() for x, _ in data.train_in_order.take(max(1, 256 // cfg.data.batch_size))]
-        calibrate_batchnorm(base, clf.preprocess, np.concatenate(batches))
     base_index = next(i for i, layer in enumerate(clf.model.layers) if layer is base)
     mlflow.set_tags(
         {
@@ -170,10 +217,7 @@ def train_and_log(cfg: DictConfig, extra_callbacks: list[keras.callbacks.Callbac
 
     fine_tune_at = resolve_fine_tune_at(base, cfg.model.fine_tune_at)  # fail before training
     rows: list[dict] = []
-    extra = extra_callbacks or []
-    t = cfg.train
-    freeze_base(base)
-    _run_phase(clf, data, cfg, 1, t.base_lr, 0, t.initial_epochs, rows, extra)
+    _phase1(clf, data, cfg, rows)
 
     first_unfrozen = unfreeze_top(base, fine_tune_at, cfg.model.freeze_bn)
     mlflow.log_params(
@@ -182,7 +226,8 @@ def train_and_log(cfg: DictConfig, extra_callbacks: list[keras.callbacks.Callbac
             "model.first_unfrozen_layer": first_unfrozen or "none (nothing unfrozen)",
         }
     )
-    _run_phase(clf, data, cfg, 2, t.fine_tune_lr, t.initial_epochs, t.fine_tune_epochs, rows, extra)
+    t = cfg.train
+    _run_phase(clf, data, cfg, 2, t.fine_tune_lr, t.initial_epochs, t.fine_tune_epochs, rows, extra_callbacks or [])
 
     history = pd.DataFrame(rows)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,73 @@
+"""The phase-1 cache: a hit trains no phase 1, yet every logged metric is bit-identical to an uncached run."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from finetune_ablation.cli import run_job
+
+from .conftest import FAST, history, make_cfg, run_ablate, runs
+
+pytestmark = pytest.mark.slow
+
+KERAS_AND_GAP = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "gap/total", "gap/batchnorm")
+
+
+def _run(image_dir, uri, cache_dir, *overrides):
+    cached = ["cache.phase1=true", f"cache.dir={cache_dir}"] if cache_dir else []
+    assert run_job(make_cfg(image_dir, uri, *cached, *overrides)) is not None
+    return runs(uri)[-1]
+
+
+def test_cached_phase1_gives_bit_identical_runs(image_dir, tracking_uri, tmp_path):
+    cache = tmp_path / "cache"
+    plain = _run(image_dir, tracking_uri, None)
+    miss = _run(image_dir, tracking_uri, cache)
+    hit = _run(image_dir, tracking_uri, cache)
+    assert plain.data.tags["phase1_cache"] == "off"
+    assert miss.data.tags["phase1_cache"] == "miss" and hit.data.tags["phase1_cache"] == "hit"
+    for run in (miss, hit):
+        assert run.data.tags["model.weights_sha256"] == plain.data.tags["model.weights_sha256"]
+        for key in plain.data.metrics:
+            assert history(tracking_uri, run.info.run_id, key) == history(tracking_uri, plain.info.run_id, key), key
+    artifacts = {a.path for a in mlflow.MlflowClient(tracking_uri).list_artifacts(hit.info.run_id)}
+    assert "trainable_weights_phase1.txt" in artifacts
+
+
+def test_phase2_settings_share_the_entry_and_phase1_settings_do_not(image_dir, tracking_uri, tmp_path):
+    cache = tmp_path / "cache"
+    first = _run(image_dir, tracking_uri, cache, "model.fine_tune_at=100")
+    deeper = _run(
+        image_dir, tracking_uri, cache, "model.fine_tune_at=140", "model.freeze_bn=true", "train.fine_tune_lr=3e-5"
+    )
+    assert deeper.data.tags["phase1_cache"] == "hit"
+    assert deeper.data.tags["phase1_cache_key"] == first.data.tags["phase1_cache_key"]
+    for key in KERAS_AND_GAP:
+        assert history(tracking_uri, deeper.info.run_id, key)[:2] == history(tracking_uri, first.info.run_id, key)[:2]
+    other = _run(image_dir, tracking_uri, cache, "model.dropout=0.5")
+    assert other.data.tags["phase1_cache"] == "miss"
+    assert other.data.tags["phase1_cache_key"] != first.data.tags["phase1_cache_key"]
+
+
+def test_parallel_jobs_compute_an_entry_once(image_dir, tmp_path):
+    """Two joblib workers, two depths, one phase 1: the lock makes one job wait and then hit."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_ablate(
+        "-m",
+        *FAST,
+        "train.initial_epochs=1",
+        "train.fine_tune_epochs=1",
+        f"data.dir={image_dir}",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "cache.phase1=true",
+        f"cache.dir={tmp_path / 'cache'}",
+        "model.fine_tune_at=100,140",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    children = [r for r in runs(uri) if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags["phase1_cache"] for r in children) == ["hit", "miss"]
