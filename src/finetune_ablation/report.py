@@ -24,6 +24,7 @@ from . import report_stats as rs
 from .errors import UserError
 from .paths import CONF_DIR
 from .runstore import default_uri, get_run, open_store, run_cli
+from .sweep import REUSED_TAG
 
 # The gap components in the order diagnostics.COMPONENTS removes them (named here, not imported, so the
 # report needs no TensorFlow; a test checks the two agree).
@@ -94,7 +95,7 @@ def fetch_runs(scope: Scope) -> pd.DataFrame:
         return mlflow.search_runs(experiment_ids=scope.experiment_ids, output_format="pandas")
     frames = [
         mlflow.search_runs(experiment_ids=scope.experiment_ids, filter_string=f"tags.{tag} = '{scope.parent_filter}'")
-        for tag in ("mlflow.parentRunId", f"`{rs.REUSED_TAG}`")
+        for tag in ("mlflow.parentRunId", f"`{REUSED_TAG}`")
     ]
     frames = [f for f in frames if len(f)]
     if not frames:

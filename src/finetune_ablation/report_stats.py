@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import pandas as pd
 from scipy import stats
 
+from .sweep import ROLE_TAG
+
 CONFIDENCE = 0.95
 NOT_LOGGED = "(not logged)"
 MAX_LEVELS = 8  # a numeric factor with more distinct values (an Optuna search) is binned
@@ -30,10 +32,9 @@ _NOT_FACTOR_KEYS = {
     "model.fine_tune_at_index",
     "model.first_unfrozen_layer",
 }
-_NOT_FACTOR_PREFIXES = ("tracking.", "optuna.", "data.count.")
+_NOT_FACTOR_PREFIXES = ("tracking.", "optuna.", "data.count.", "cache.")
 
-PARENT_ROLE_TAG = "sweep.role"
-REUSED_TAG = "sweep.last_reused_by"
+PARENT_ROLE_TAG = ROLE_TAG
 PRUNED_TAG = "pruned"
 REPRODUCED_TAG = "reproduced_from"
 

@@ -109,9 +109,13 @@ def environment_warnings(run: Run) -> list[str]:
 
 
 def reproduction_config(rebuilt: Rebuilt, run: Run, experiment: str, uri: str) -> DictConfig:
-    """The logged config, recorded into this store and the original's experiment under a telling name."""
+    """The logged config, recorded into this store and the original's experiment under a telling name.
+    Phase 1 is trained again, never loaded from the phase-1 cache: a reproduction recomputes everything."""
     name = f"reproduce {run.info.run_name or run.info.run_id}"[:250]
-    return OmegaConf.merge(rebuilt.cfg, {"tracking": {"uri": uri, "experiment": experiment, "run_name": name}})
+    return OmegaConf.merge(
+        rebuilt.cfg,
+        {"tracking": {"uri": uri, "experiment": experiment, "run_name": name}, "cache": {"phase1": False}},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
