@@ -9,6 +9,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # TF's C++ start-up chatter hides the one line a user needs; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,6 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from .config import register_configs, validate
 from .errors import UserError
 from .paths import CONF_DIR, EXPERIMENTS_DIR
+
+if TYPE_CHECKING:  # mlflow is imported where a job runs, keeping --help and --cfg fast
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 log = logging.getLogger("finetune_ablation")
 
@@ -74,7 +79,7 @@ def _threads(cfg: DictConfig) -> int | None:
     return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
 
 
-def _reuse(client, done, parent_id: str | None) -> float | None:
+def _reuse(client: MlflowClient, done: Run, parent_id: str | None) -> float | None:
     """Resume: a FINISHED run of this exact config exists, so train nothing and return its result."""
     from .sweep import REUSED_TAG
 
