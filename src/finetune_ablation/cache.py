@@ -23,6 +23,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CacheConfig
+from .model import assign_values, copy_values
 from .paths import MLRUNS_DIR
 from .tracking import package_versions
 
@@ -39,15 +40,13 @@ class Phase1State:
 
     @classmethod
     def capture(cls, model: keras.Model, rows: list[dict], metrics: dict[str, float], report: str) -> Phase1State:
-        values = [np.array(v.numpy(), copy=True) for v in model.variables]
-        return cls([v.path for v in model.variables], values, rows, metrics, report)
+        return cls([v.path for v in model.variables], copy_values(model.variables), rows, metrics, report)
 
     def restore(self, model: keras.Model) -> None:
         variables = model.variables
         if [v.path for v in variables] != self.paths:
             raise ValueError("cached phase-1 state does not fit this model")
-        for variable, value in zip(variables, self.values, strict=True):
-            variable.assign(value)
+        assign_values(variables, self.values)
 
 
 def cache_dir(cfg: CacheConfig) -> Path:

@@ -28,7 +28,7 @@ from scipy.stats import binomtest
 
 from .augment import augments
 from .config import DiagnosticsLevel
-from .model import Classifier, batchnorm_layers, walk_layers
+from .model import Classifier, assign_values, batchnorm_layers, copy_values, walk_layers
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
 # component name -> (minuend, subtrahend), in the order the effects are removed
@@ -119,7 +119,7 @@ class GapMeter:
     def measure(self, epoch: int) -> dict[str, float]:
         """Accuracy, loss and correct count under each condition, with every variable restored."""
         variables = self.clf.model.variables
-        saved = [np.array(v.numpy(), copy=True) for v in variables]
+        saved = copy_values(variables)
         for i, state in enumerate(self._seed_states):  # a fixed, reproducible draw per epoch
             state.assign(np.array([self.seed * 1_000_003 + epoch, i], dtype=state.dtype))
         totals = {name: _Totals() for name in CONDITIONS}
@@ -133,16 +133,14 @@ class GapMeter:
                 f_no_drop = self._features_infer(augmented) if self.base_is_stochastic else f_no_bn
                 f_clean = self._features_infer(x) if self.augments else f_no_drop
                 # the same dropout mask for both dropout-on passes, so only BatchNorm differs
-                dropout_state = [np.array(v.numpy(), copy=True) for v in self._dropout_seeds]
+                dropout_state = copy_values(self._dropout_seeds)
                 self._score(totals["train_mode"], self._head_dropout(f_train), y)
-                for v, s in zip(self._dropout_seeds, dropout_state, strict=True):
-                    v.assign(s)
+                assign_values(self._dropout_seeds, dropout_state)
                 self._score(totals["no_batchnorm"], self._head_dropout(f_no_bn), y)
                 self._score(totals["no_dropout"], self._head_infer(f_no_drop), y)
                 self._score(totals["train_clean"], self._head_infer(f_clean), y)
         finally:
-            for v, value in zip(variables, saved, strict=True):
-                v.assign(value)
+            assign_values(variables, saved)
         out: dict[str, float] = {}
         for name, t in totals.items():
             out[f"{name}_accuracy"] = t.correct / count

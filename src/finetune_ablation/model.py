@@ -187,11 +187,20 @@ def unfreeze_top(base: keras.Model, fine_tune_at: int, freeze_bn: bool) -> str |
     return base.layers[fine_tune_at].name if fine_tune_at < len(base.layers) else None
 
 
+def copy_values(variables) -> list[np.ndarray]:
+    """Copies of the variables' current values (to restore them, compare them or store them)."""
+    return [np.array(v.numpy(), copy=True) for v in variables]
+
+
+def assign_values(variables, values: list[np.ndarray]) -> None:
+    """Put values saved by ``copy_values`` back into the same variables."""
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
+
+
 def bn_moving_stats(base: keras.Model) -> list[np.ndarray]:
     """Copies of every BN moving mean and variance, to measure how much a phase moved them."""
-    return [
-        np.array(v.numpy(), copy=True) for bn in batchnorm_layers(base) for v in (bn.moving_mean, bn.moving_variance)
-    ]
+    return copy_values(v for bn in batchnorm_layers(base) for v in (bn.moving_mean, bn.moving_variance))
 
 
 def max_abs_change(before: list[np.ndarray], after: list[np.ndarray]) -> float:
