@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 import pytest
 
 from finetune_ablation.cli import run_job
@@ -71,3 +72,48 @@ def test_parallel_jobs_compute_an_entry_once(image_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     children = [r for r in runs(uri) if "mlflow.parentRunId" in r.data.tags]
     assert sorted(r.data.tags["phase1_cache"] for r in children) == ["hit", "miss"]
+
+
+def _same_within_float_tolerance(uri: str, a, b) -> None:
+    assert set(a.data.metrics) == set(b.data.metrics)
+    for key in a.data.metrics:
+        left, right = history(uri, a.info.run_id, key), history(uri, b.info.run_id, key)
+        assert [s for s, _ in left] == [s for s, _ in right], key
+        assert np.allclose([v for _, v in left], [v for _, v in right], rtol=1e-5, atol=1e-6), key
+
+
+def test_feature_cache_equals_running_the_frozen_base_every_epoch(image_dir, tracking_uri):
+    """augment=none: phase 1 trains the head on features computed once; every metric (phase 2 and the
+    gap measurement included) equals the uncached run to float tolerance."""
+    cached = _run(image_dir, tracking_uri, None, "augment=none", "cache.features=true")
+    uncached = _run(image_dir, tracking_uri, None, "augment=none", "cache.features=false")
+    assert cached.data.tags["feature_cache"] == "on" and uncached.data.tags["feature_cache"] == "off"
+    _same_within_float_tolerance(tracking_uri, cached, uncached)
+    assert [v for _, v in history(tracking_uri, cached.info.run_id, "gap/augmentation")] == [0.0] * 4
+    assert "timing.phase1_seconds" in cached.data.tags and "timing.phase2_seconds" in cached.data.tags
+
+
+def test_feature_cache_is_not_used_when_features_change_every_epoch(image_dir, tracking_uri):
+    augmented = _run(image_dir, tracking_uri, None, "augment=standard")
+    assert augmented.data.tags["feature_cache"].startswith("not used: augmentation")
+
+
+def test_random_layers_inside_a_base_rule_the_feature_cache_out():
+    """EfficientNet's stochastic depth draws new masks in training mode even in a frozen base."""
+    from finetune_ablation.augment import build_augmentation
+    from finetune_ablation.config import AugmentConfig, ModelConfig
+    from finetune_ablation.features import why_not_cacheable
+    from finetune_ablation.model import build_classifier, freeze_base, load_base
+
+    no_augment = AugmentConfig(flip=None, rotation=0.0)
+    for name, architecture, expected in (
+        ("mobilenet_v2", "MobileNetV2", None),
+        ("efficientnet", "EfficientNetB0", "random layers"),
+    ):
+        cfg = ModelConfig(name=name, architecture=architecture, alpha=None, weights=None)
+        base = load_base(cfg, 32)
+        clf = build_classifier(cfg, base, build_augmentation(no_augment, 0), 2, 32)
+        assert why_not_cacheable(clf) == "the base is not fully frozen"
+        freeze_base(base)
+        reason = why_not_cacheable(clf)
+        assert reason is None if expected is None else expected in reason

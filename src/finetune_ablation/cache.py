@@ -89,6 +89,7 @@ def phase1_key(cfg: DictConfig, data_fingerprint: str) -> str:
         "augment": OmegaConf.to_container(cfg.augment),
         "train": {"base_lr": cfg.train.base_lr, "initial_epochs": cfg.train.initial_epochs},
         "diagnostics": str(cfg.diagnostics.level.value),
+        "features": cfg.cache.features,  # equal to float tolerance, not bit for bit: keep entries apart
         "seed": cfg.seed,
         "versions": package_versions(),
         "code": _code_hash(),

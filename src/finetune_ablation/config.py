@@ -84,6 +84,7 @@ class DiagnosticsConfig:
 class CacheConfig:
     dir: str | None = None  # null: <project>/mlruns/cache
     phase1: bool = True  # reuse phase 1 across runs that share it (e.g. a study over fine_tune_at)
+    features: bool = True  # augment=none: phase 1 runs the frozen base once per image (features.py)
 
 
 @dataclass

@@ -47,10 +47,14 @@ class Datasets:
     def training_batches(self, phase: int) -> tf.data.Dataset:
         """The training split reshuffled every epoch. Each phase starts its own shuffle sequence from the
         seed, so phase 2 sees the same orders whether phase 1 was trained or loaded from the cache."""
+        return self.reshuffled(self.train_images, phase)
+
+    def reshuffled(self, elements: tf.data.Dataset, phase: int) -> tf.data.Dataset:
+        """``elements`` (one per training image, in the split's order) batched in the phase's shuffle
+        orders: the order depends only on the seed, the phase and the count, never on the content, so
+        anything aligned with the training split (e.g. its frozen-base features) is shuffled alike."""
         return (
-            self.train_images.shuffle(
-                len(self.train_files), seed=self.seed + 1_000_003 * phase, reshuffle_each_iteration=True
-            )
+            elements.shuffle(len(self.train_files), seed=self.seed + 1_000_003 * phase, reshuffle_each_iteration=True)
             .batch(self.batch_size)
             .prefetch(tf.data.AUTOTUNE)
         )

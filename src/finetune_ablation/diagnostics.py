@@ -28,7 +28,7 @@ from scipy.stats import binomtest
 
 from .augment import augments
 from .config import DiagnosticsLevel
-from .model import Classifier, assign_values, batchnorm_layers, copy_values, walk_layers
+from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
 # component name -> (minuend, subtrahend), in the order the effects are removed
@@ -39,15 +39,6 @@ COMPONENTS = {
     "augmentation": ("train_clean", "no_dropout"),
     "split": ("keras_val", "train_clean"),
 }
-_STOCHASTIC_LAYERS = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianDropout,
-    keras.layers.GaussianNoise,
-    keras.layers.AlphaDropout,
-)
 
 
 @contextlib.contextmanager
@@ -77,15 +68,19 @@ class _Totals:
 
 class GapMeter:
     """Measures the four training-split conditions for one phase (rebuild it when trainability changes:
-    the traced passes bake in which BatchNorm layers are trainable)."""
+    the traced passes bake in which BatchNorm layers are trainable).
 
-    def __init__(self, clf: Classifier, dataset: tf.data.Dataset, seed: int):
+    ``dataset`` is the training split in order: image batches, or, with ``precomputed=True``, batches of
+    the frozen base's pooled features (``features.FrozenFeatures``), which all four conditions share."""
+
+    def __init__(self, clf: Classifier, dataset: tf.data.Dataset, seed: int, precomputed: bool = False):
         self.clf = clf
         self.dataset = dataset
         self.seed = seed
+        self.precomputed = precomputed
         self.bns = batchnorm_layers(clf.base)
         self.has_trainable_bn = any(bn.trainable for bn in self.bns)
-        self.base_is_stochastic = any(isinstance(layer, _STOCHASTIC_LAYERS) for layer in walk_layers(clf.base))
+        self.base_is_stochastic = has_random_layers(clf.base)
         self.augments = augments(clf.augmentation)
         self._seed_states = [
             v for layer in (clf.augmentation, clf.dropout) for v in layer.variables if "seed" in v.path
@@ -94,17 +89,34 @@ class GapMeter:
         # one trace per function: the batch dimension is free (the last batch is smaller)
         size = clf.model.input_shape[1:]
         images = {"input_signature": [tf.TensorSpec((None, *size), tf.float32)]}
-        features = {"input_signature": [tf.TensorSpec((None, *clf.base.output_shape[1:]), tf.float32)]}
+        pooled_shape = clf.pool.compute_output_shape(clf.base.output_shape)[1:]
+        pooled = {"input_signature": [tf.TensorSpec((None, *pooled_shape), tf.float32)]}
         self._augment = tf.function(lambda x: clf.augmentation(x, training=True), **images)
-        self._features_train = tf.function(lambda x: clf.base(clf.preprocess(x), training=True), **images)
-        self._features_infer = tf.function(lambda x: clf.base(clf.preprocess(x), training=False), **images)
+        self._features_train = tf.function(lambda x: self._pool(x, training=True), **images)
+        self._features_infer = tf.function(lambda x: self._pool(x, training=False), **images)
         self._features_no_bn = tf.function(self._trace_no_bn, **images)
-        self._head_dropout = tf.function(lambda f: clf.head(clf.dropout(clf.pool(f), training=True)), **features)
-        self._head_infer = tf.function(lambda f: clf.head(clf.pool(f)), **features)
+        self._head_dropout = tf.function(lambda f: clf.head(clf.dropout(f, training=True)), **pooled)
+        self._head_infer = tf.function(lambda f: clf.head(f), **pooled)
+
+    def _pool(self, x, training: bool):
+        return self.clf.pool(self.clf.base(self.clf.preprocess(x), training=training))
 
     def _trace_no_bn(self, x):
         with _batchnorm_on_moving_stats(self.bns):
-            return self.clf.base(self.clf.preprocess(x), training=True)
+            return self._pool(x, training=True)
+
+    def _conditions(self):
+        """Per batch: labels and the pooled features under train_mode, no_batchnorm, no_dropout, clean."""
+        for x, y in self.dataset:
+            if self.precomputed:  # a frozen, deterministic base on un-augmented images: one feature set
+                yield y, x, x, x, x
+                continue
+            augmented = self._augment(x) if self.augments else x
+            f_train = self._features_train(augmented)
+            f_no_bn = self._features_no_bn(augmented) if self.has_trainable_bn else f_train
+            f_no_drop = self._features_infer(augmented) if self.base_is_stochastic else f_no_bn
+            f_clean = self._features_infer(x) if self.augments else f_no_drop
+            yield y, f_train, f_no_bn, f_no_drop, f_clean
 
     def _score(self, totals: _Totals, logits: tf.Tensor, y: tf.Tensor) -> None:
         if self.clf.binary:
@@ -125,13 +137,8 @@ class GapMeter:
         totals = {name: _Totals() for name in CONDITIONS}
         count = 0
         try:
-            for x, y in self.dataset:
-                count += int(x.shape[0])
-                augmented = self._augment(x) if self.augments else x
-                f_train = self._features_train(augmented)
-                f_no_bn = self._features_no_bn(augmented) if self.has_trainable_bn else f_train
-                f_no_drop = self._features_infer(augmented) if self.base_is_stochastic else f_no_bn
-                f_clean = self._features_infer(x) if self.augments else f_no_drop
+            for y, f_train, f_no_bn, f_no_drop, f_clean in self._conditions():
+                count += int(y.shape[0])
                 # the same dropout mask for both dropout-on passes, so only BatchNorm differs
                 dropout_state = copy_values(self._dropout_seeds)
                 self._score(totals["train_mode"], self._head_dropout(f_train), y)

@@ -136,6 +136,23 @@ def walk_layers(layer: keras.layers.Layer):
         yield from walk_layers(child)
 
 
+_RANDOM_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+)
+
+
+def has_random_layers(layer: keras.layers.Layer) -> bool:
+    """Whether a training-mode pass draws random numbers inside ``layer`` (e.g. EfficientNet's
+    stochastic-depth dropout; MobileNetV2 has none). Freezing does not switch these off."""
+    return any(isinstance(child, _RANDOM_LAYERS) for child in walk_layers(layer))
+
+
 def batchnorm_layers(base: keras.Model) -> list[keras.layers.BatchNormalization]:
     return [layer for layer in walk_layers(base) if isinstance(layer, keras.layers.BatchNormalization)]
 

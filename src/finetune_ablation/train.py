@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .config import DiagnosticsLevel
 from .data import Datasets, load_datasets
 from .diagnostics import GapDiagnostics, GapMeter, gap_summary
 from .epoch_logger import MlflowEpochLogger
+from .features import FrozenFeatures, extract_features, why_not_cacheable
 from .model import (
     Classifier,
     bn_moving_stats,
@@ -76,10 +78,10 @@ def limit_tf_threads(threads: int | None) -> None:
         pass
 
 
-def _compile(clf: Classifier, learning_rate: float) -> None:
+def _compile(model: keras.Model, binary: bool, learning_rate: float) -> None:
     """Always a NEW optimizer: reusing the one built for another trainable set raises in Keras 3."""
-    loss, accuracy = loss_and_accuracy(clf.binary)
-    clf.model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
+    loss, accuracy = loss_and_accuracy(binary)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
 
 
 def _log_data(data: Datasets) -> None:
@@ -121,22 +123,25 @@ def _run_phase(
     epochs: int,
     rows: list[dict],
     extra_callbacks: list[keras.callbacks.Callback],
+    features: FrozenFeatures | None = None,
 ) -> PhaseRecord:
-    """Compile with a new optimizer, fit ``epochs`` epochs numbered from ``first_epoch``, measure."""
-    _compile(clf, learning_rate)
+    """Compile with a new optimizer, fit ``epochs`` epochs numbered from ``first_epoch``, measure.
+    With ``features``, the head is trained on the frozen base's cached features instead of images."""
+    model, source = (features.model, features) if features else (clf.model, data)
+    _compile(model, clf.binary, learning_rate)
     summary = {k: float(v) for k, v in trainable_summary(clf).items()}
     report = trainable_report(clf)
     last_epoch = first_epoch + epochs - 1
     callbacks: list[keras.callbacks.Callback] = []
     if cfg.diagnostics.level != DiagnosticsLevel.off:
-        meter = GapMeter(clf, data.train_in_order, cfg.seed)
+        meter = GapMeter(clf, source.train_in_order, cfg.seed, precomputed=features is not None)
         callbacks.append(GapDiagnostics(meter, cfg.diagnostics.level, last_epoch, len(data.val_files)))
     callbacks.append(MlflowEpochLogger(phase, rows))
     callbacks.extend(extra_callbacks)
     before = bn_moving_stats(clf.base)
-    clf.model.fit(
-        data.training_batches(phase),
-        validation_data=data.val,
+    model.fit(
+        source.training_batches(phase),
+        validation_data=source.val,
         initial_epoch=first_epoch,
         epochs=last_epoch + 1,  # epochs continue from phase 1: no repeated epoch number
         callbacks=callbacks,
@@ -149,6 +154,19 @@ def _run_phase(
     return record
 
 
+def _frozen_features(clf: Classifier, data: Datasets, cfg: DictConfig) -> FrozenFeatures | None:
+    """The frozen base's features, computed once, when ``cache.features`` is on and they are fixed."""
+    if not cfg.cache.features:
+        mlflow.set_tag("feature_cache", "off")
+        return None
+    reason = why_not_cacheable(clf)
+    if reason:
+        mlflow.set_tag("feature_cache", f"not used: {reason}")
+        return None
+    mlflow.set_tag("feature_cache", "on")
+    return extract_features(clf, data)
+
+
 def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict]) -> None:
     """Phase 1: calibrate (if asked) and train the head on the frozen base, or load it from the cache."""
 
@@ -157,7 +175,8 @@ def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict]) 
             batches = [x.numpy() for x, _ in data.train_in_order.take(max(1, 256 // cfg.data.batch_size))]
             calibrate_batchnorm(clf.base, clf.preprocess, np.concatenate(batches))
         freeze_base(clf.base)
-        return _run_phase(clf, data, cfg, 1, cfg.train.base_lr, 0, cfg.train.initial_epochs, rows, [])
+        features = _frozen_features(clf, data, cfg)
+        return _run_phase(clf, data, cfg, 1, cfg.train.base_lr, 0, cfg.train.initial_epochs, rows, [], features)
 
     if not cfg.cache.phase1:
         mlflow.set_tag("phase1_cache", "off")
@@ -191,6 +210,11 @@ def weights_digest(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
+def _tag_seconds(phase: str, started: float) -> None:
+    """Wall time of a phase, as a tag: timings differ between identical runs, metrics must not."""
+    mlflow.set_tag(f"timing.{phase}_seconds", f"{time.perf_counter() - started:.2f}")
+
+
 def _log_figure(fig, name: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -217,7 +241,9 @@ def train_and_log(cfg: DictConfig, extra_callbacks: list[keras.callbacks.Callbac
 
     fine_tune_at = resolve_fine_tune_at(base, cfg.model.fine_tune_at)  # fail before training
     rows: list[dict] = []
+    started = time.perf_counter()
     _phase1(clf, data, cfg, rows)
+    _tag_seconds("phase1", started)
 
     first_unfrozen = unfreeze_top(base, fine_tune_at, cfg.model.freeze_bn)
     mlflow.log_params(
@@ -227,7 +253,9 @@ def train_and_log(cfg: DictConfig, extra_callbacks: list[keras.callbacks.Callbac
         }
     )
     t = cfg.train
+    started = time.perf_counter()
     _run_phase(clf, data, cfg, 2, t.fine_tune_lr, t.initial_epochs, t.fine_tune_epochs, rows, extra_callbacks or [])
+    _tag_seconds("phase2", started)
 
     history = pd.DataFrame(rows)
     with tempfile.TemporaryDirectory() as tmp:
