@@ -82,6 +82,9 @@ class GapMeter:
         self.has_trainable_bn = any(bn.trainable for bn in self.bns)
         self.base_is_stochastic = has_random_layers(clf.base)
         self.augments = augments(clf.augmentation)
+        # A frozen, deterministic base maps a clean image to the same features all phase: measure once.
+        self._fixed_clean = not clf.base.trainable_weights and not self.base_is_stochastic
+        self._clean_features: list[tf.Tensor] = []
         self._seed_states = [
             v for layer in (clf.augmentation, clf.dropout) for v in layer.variables if "seed" in v.path
         ]
@@ -107,7 +110,9 @@ class GapMeter:
 
     def _conditions(self):
         """Per batch: labels and the pooled features under train_mode, no_batchnorm, no_dropout, clean."""
-        for x, y in self.dataset:
+        reuse = bool(self._clean_features)
+        computed: list[tf.Tensor] = []
+        for index, (x, y) in enumerate(self.dataset):
             if self.precomputed:  # a frozen, deterministic base on un-augmented images: one feature set
                 yield y, x, x, x, x
                 continue
@@ -115,8 +120,16 @@ class GapMeter:
             f_train = self._features_train(augmented)
             f_no_bn = self._features_no_bn(augmented) if self.has_trainable_bn else f_train
             f_no_drop = self._features_infer(augmented) if self.base_is_stochastic else f_no_bn
-            f_clean = self._features_infer(x) if self.augments else f_no_drop
+            if not self.augments:
+                f_clean = f_no_drop
+            elif reuse:
+                f_clean = self._clean_features[index]
+            else:
+                f_clean = self._features_infer(x)
+                computed.append(f_clean)
             yield y, f_train, f_no_bn, f_no_drop, f_clean
+        if self._fixed_clean and not reuse:  # kept only once complete
+            self._clean_features = computed
 
     def _score(self, totals: _Totals, logits: tf.Tensor, y: tf.Tensor) -> None:
         if self.clf.binary:
