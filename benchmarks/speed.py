@@ -1,0 +1,346 @@
+"""How fast the suite is, as ratios measured side by side in one run of this script (never timed tests).
+
+    .venv/bin/python benchmarks/speed.py            # the course's sizes: 160 px, batch 32, 300 images
+    .venv/bin/python benchmarks/speed.py --quick    # tiny sizes: checks the script, numbers mean little
+
+Every suite measurement is a real ``ablate`` command in a subprocess (as a user runs it), on generated
+images, with MLflow and the caches in a temporary folder. Ratios compare runs made minutes apart on the
+same machine, interleaved when ``--repeats`` > 1, so machine noise hits both sides alike.
+
+1. suite, diagnostics off  vs  the course's plain Keras script (benchmarks/plain_keras.py): wall time
+2. diagnostics full (and final)  vs  off: wall time
+3. the unfreeze_depth study with the phase-1 cache  vs  without: speed-up, and whether metrics are identical
+4. phase 1 with augment=none, feature cache on  vs  off: speed-up of phase 1 (its ``timing.phase1_seconds``)
+5. images/s of the suite's frozen and unfrozen phases  vs  raw ``model.fit`` on in-memory arrays and
+   ``base.predict`` of the same model (the ceiling)
+
+The table is printed and written to ``--out`` (CSV)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import mlflow
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+ABLATE = Path(sys.executable).with_name("ablate")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    image_size: int
+    batch_size: int
+    per_class: int
+    initial_epochs: int
+    fine_tune_epochs: int
+    depths: tuple[int, ...]
+
+
+COURSE = Sizes(160, 32, 150, 5, 5, (0, 60, 100, 120, 140, 154))  # the unfreeze_depth study's depths
+QUICK = Sizes(32, 8, 20, 1, 1, (100, 154))
+
+
+class Bench:
+    """Runs ``ablate`` and the plain script on one generated folder, each into its own MLflow experiment."""
+
+    def __init__(self, root: Path, sizes: Sizes):
+        from finetune_ablation.demo_data import write_image_folder
+
+        self.root, self.sizes = root, sizes
+        self.images = root / "images"
+        write_image_folder(self.images, sizes.image_size, sizes.per_class, seed=0)
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.count = 0
+
+    def common(self) -> dict[str, str]:
+        """Overrides every suite command shares (by key, so a command can replace one)."""
+        s = self.sizes
+        pairs = [
+            f"data.dir={self.images}",
+            f"data.image_size={s.image_size}",
+            f"data.batch_size={s.batch_size}",
+            "model.weights=null",  # no network; the work per image is the same as with ImageNet weights
+            f"train.initial_epochs={s.initial_epochs}",
+            f"train.fine_tune_epochs={s.fine_tune_epochs}",
+            "train.verbose=0",
+            f"tracking.uri={self.uri}",
+            f"cache.dir={self.root / 'cache'}",
+        ]
+        return dict(pair.split("=", 1) for pair in pairs)
+
+    def ablate(self, *overrides: str, multirun: bool = False) -> tuple[float, str]:
+        """Wall seconds of one ``ablate`` command, and the MLflow experiment it logged to."""
+        self.count += 1
+        experiment = f"bench-{self.count}"
+        settings = {
+            **self.common(),
+            **dict(o.split("=", 1) for o in overrides),
+            "tracking.experiment": experiment,
+            "hydra.run.dir": str(self.root / "runs" / experiment),
+            "hydra.sweep.dir": str(self.root / "sweeps" / experiment),
+        }
+        args = [str(ABLATE), *(["-m"] if multirun else []), *(f"{k}={v}" for k, v in settings.items())]
+        return _timed(args, self.root), experiment
+
+    def plain_keras(self) -> tuple[float, dict]:
+        s = self.sizes
+        args = [sys.executable, str(HERE / "plain_keras.py"), str(self.images), f"--image-size={s.image_size}"]
+        args += [f"--batch-size={s.batch_size}", "--epochs", str(s.initial_epochs), str(s.fine_tune_epochs)]
+        started = time.perf_counter()
+        result = subprocess.run(args, capture_output=True, text=True, check=False, cwd=self.root)
+        wall = time.perf_counter() - started
+        if result.returncode:
+            sys.exit(f"plain_keras.py failed:\n{result.stderr[-2000:]}")
+        return wall, json.loads(result.stdout.strip().splitlines()[-1])
+
+    def runs(self, experiment: str) -> list:
+        client = mlflow.MlflowClient(self.uri)
+        exp = client.get_experiment_by_name(experiment)
+        return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("sweep.role") != "parent"]
+
+    def run(self, experiment: str):
+        (only,) = self.runs(experiment)
+        return only
+
+
+def _timed(args: list[str], cwd: Path) -> float:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    started = time.perf_counter()
+    result = subprocess.run(args, capture_output=True, text=True, check=False, cwd=cwd, env=env)
+    wall = time.perf_counter() - started
+    if result.returncode:
+        sys.exit(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    return wall
+
+
+def _seconds(run, phase: str) -> float:
+    return float(run.data.tags[f"timing.{phase}_seconds"])
+
+
+def identical_metrics(bench: Bench, first: str, second: str) -> tuple[bool, int]:
+    """Whether two sweeps logged the same metric histories, job by job (matched by fine_tune_at)."""
+    client = mlflow.MlflowClient(bench.uri)
+
+    def by_depth(experiment: str) -> dict[str, object]:
+        return {r.data.params["model.fine_tune_at"]: r for r in bench.runs(experiment)}
+
+    a, b = by_depth(first), by_depth(second)
+    if a.keys() != b.keys():
+        return False, 0
+    compared = 0
+    for depth, run in a.items():
+        other = b[depth]
+        if run.data.metrics.keys() != other.data.metrics.keys():
+            return False, compared
+        for key in run.data.metrics:
+            left = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+            right = [(m.step, m.value) for m in client.get_metric_history(other.info.run_id, key)]
+            if sorted(left) != sorted(right):
+                return False, compared
+            compared += len(left)
+    return True, compared
+
+
+def ceiling_throughput(bench: Bench) -> dict[str, float]:
+    """images/s of raw Keras on in-memory arrays: the same model's ``fit`` per phase and ``base.predict``."""
+    import keras
+    import numpy as np
+
+    from finetune_ablation.augment import build_augmentation
+    from finetune_ablation.config import AugmentConfig, DataConfig, ModelConfig
+    from finetune_ablation.data import load_datasets
+    from finetune_ablation.model import build_classifier, freeze_base, load_base, unfreeze_top
+    from finetune_ablation.train import loss_and_accuracy, seed_everything
+
+    s = bench.sizes
+    seed_everything(42)
+    data = load_datasets(DataConfig(dir=str(bench.images), image_size=s.image_size, batch_size=s.batch_size))
+    x_train, y_train = (np.concatenate(parts) for parts in zip(*[(x, y) for x, y in data.train_in_order], strict=True))
+    x_val, y_val = (np.concatenate(parts) for parts in zip(*[(x, y) for x, y in data.val], strict=True))
+    per_epoch = len(x_train) + len(x_val)
+
+    model_cfg = ModelConfig(weights=None)
+    base = load_base(model_cfg, s.image_size)
+    clf = build_classifier(model_cfg, base, build_augmentation(AugmentConfig(), 42), 2, s.image_size)
+
+    def fit_rate(learning_rate: float, epochs: int) -> float:
+        loss, accuracy = loss_and_accuracy(True)
+        started = time.perf_counter()  # from compile, as the suite's phase timing
+        clf.model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
+        clf.model.fit(
+            x_train, y_train, batch_size=s.batch_size, epochs=epochs, validation_data=(x_val, y_val), verbose=0
+        )
+        return per_epoch * epochs / (time.perf_counter() - started)
+
+    freeze_base(base)
+    frozen_fit = fit_rate(1e-3, s.initial_epochs)
+    inputs = clf.preprocess(np.concatenate([x_train, x_val]))
+    base.predict(inputs[: s.batch_size], verbose=0)  # trace once: the ceiling is the steady state
+    started = time.perf_counter()
+    base.predict(inputs, batch_size=s.batch_size, verbose=0)
+    predict = per_epoch / (time.perf_counter() - started)
+    unfreeze_top(base, 120, freeze_bn=False)
+    unfrozen_fit = fit_rate(1e-4, s.fine_tune_epochs)
+    return {"frozen_fit": frozen_fit, "predict": predict, "unfrozen_fit": unfrozen_fit, "per_epoch": per_epoch}
+
+
+def _row(number: str, what: str, a: tuple[str, float], b: tuple[str, float], target: str, note: str = "") -> dict:
+    ratio = a[1] / b[1]
+    bound = float(target[2:].rstrip("x"))
+    met = ratio <= bound if target.startswith("<=") else ratio >= bound
+    return {
+        "benchmark": number,
+        "what": what,
+        "a": f"{a[0]} {a[1]:.2f}",
+        "b": f"{b[0]} {b[1]:.2f}",
+        "ratio": round(ratio, 2),
+        "target": target,
+        "met": "yes" if met else "NO",
+        "note": note,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the speed")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of benchmarks 1, 2 and 4")
+    parser.add_argument("--out", default=str(HERE / "speed.csv"))
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else COURSE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(Path(tmp), sizes)
+        # a full-sized warm-up: file-system caches and the MLflow store exist before anything is timed
+        bench.ablate("diagnostics=off", "cache.phase1=false", "train.initial_epochs=1", "train.fine_tune_epochs=1")
+
+        plain, plain_phases, off, off_phases, full, final, feat_on, feat_off = [], [], [], [], [], [], [], []
+        off_run = None
+        for _ in range(args.repeats):
+            wall, phases = bench.plain_keras()
+            plain.append(wall)
+            plain_phases.append(phases["phase1_seconds"] + phases["phase2_seconds"])
+            wall, experiment = bench.ablate("diagnostics=off", "cache.phase1=false")  # every run trains phase 1
+            off.append(wall)
+            off_run = bench.run(experiment)
+            off_phases.append(_seconds(off_run, "phase1") + _seconds(off_run, "phase2"))
+            for level, times in (("full", full), ("final", final)):
+                times.append(bench.ablate(f"diagnostics={level}", "cache.phase1=false")[0])
+            # phase 2 as short as possible: only phase 1's seconds are compared
+            phase1_only = ["augment=none", "cache.phase1=false", "model.fine_tune_at=154", "train.fine_tune_epochs=1"]
+            for flag, times in (("true", feat_on), ("false", feat_off)):
+                experiment = bench.ablate(*phase1_only, f"cache.features={flag}")[1]
+                times.append(_seconds(bench.run(experiment), "phase1"))
+
+        depths = "model.fine_tune_at=" + ",".join(str(d) for d in sizes.depths)
+        study = ["experiment=unfreeze_depth", depths, "hydra/launcher=basic"]
+        uncached_wall, uncached = bench.ablate(*study, "cache.phase1=false", multirun=True)
+        cached_wall, cached = bench.ablate(*study, "cache.phase1=true", multirun=True)
+        same, values = identical_metrics(bench, cached, uncached)
+        phase_totals = {
+            name: [sum(_seconds(r, phase) for r in bench.runs(sweep)) for phase in ("phase1", "phase2")]
+            for name, sweep in (("uncached", uncached), ("cached", cached))
+        }
+
+        ceiling = ceiling_throughput(bench)
+
+    frozen = ceiling["per_epoch"] * sizes.initial_epochs / _seconds(off_run, "phase1")
+    unfrozen = ceiling["per_epoch"] * sizes.fine_tune_epochs / _seconds(off_run, "phase2")
+    med = statistics.median
+    rows = [
+        _row(
+            "1",
+            "one run, diagnostics=off vs plain Keras script (wall s)",
+            ("suite", med(off)),
+            ("plain", med(plain)),
+            "<=1.05x",
+            "includes start-up: imports, checking every image, MLflow logging, plots",
+        ),
+        _row(
+            "1b",
+            "the two phases only, diagnostics=off vs plain Keras script (s)",
+            ("suite", med(off_phases)),
+            ("plain", med(plain_phases)),
+            "<=1.05x",
+            "from compile to the end of fit, each phase (timing.phase*_seconds tags)",
+        ),
+        _row("2", "diagnostics=full vs off (wall s)", ("full", med(full)), ("off", med(off)), "<=1.3x"),
+        _row(
+            "2b",
+            "diagnostics=final vs off (wall s)",
+            ("final", med(final)),
+            ("off", med(off)),
+            "<=1.3x",
+            "measures the last epoch of each phase only",
+        ),
+        _row(
+            "3",
+            f"unfreeze_depth study, {len(sizes.depths)} depths: speed-up of the phase-1 cache (wall s)",
+            ("uncached", uncached_wall),
+            ("cached", cached_wall),
+            ">=2x",
+            f"identical metrics: {'yes' if same else 'NO'} ({values} values compared); phase 1 in all "
+            f"runs {phase_totals['uncached'][0]:.0f} s -> {phase_totals['cached'][0]:.0f} s, phase 2 "
+            f"{phase_totals['uncached'][1]:.0f} s -> {phase_totals['cached'][1]:.0f} s",
+        ),
+        _row(
+            "4",
+            "phase 1 with augment=none: speed-up of the feature cache (phase-1 s)",
+            ("uncached", med(feat_off)),
+            ("cached", med(feat_on)),
+            ">=5x",
+            "diagnostics=full (the default)",
+        ),
+        _row(
+            "5a",
+            "frozen phase vs raw model.fit on arrays (images/s)",
+            ("suite", frozen),
+            ("raw fit", ceiling["frozen_fit"]),
+            ">=0.8x",
+            "both include compile and tracing",
+        ),
+        _row(
+            "5b",
+            "unfrozen phase vs raw model.fit on arrays (images/s)",
+            ("suite", unfrozen),
+            ("raw fit", ceiling["unfrozen_fit"]),
+            ">=0.8x",
+            "both include compile and tracing",
+        ),
+        _row(
+            "5c",
+            "frozen phase vs base.predict, steady state (images/s)",
+            ("suite", frozen),
+            ("predict", ceiling["predict"]),
+            ">=0.8x",
+            "the hard ceiling: forward pass only, no tracing",
+        ),
+    ]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    s = sizes
+    setup = (
+        f"{s.image_size} px, batch {s.batch_size}, {2 * s.per_class} images, "
+        f"{s.initial_epochs}+{s.fine_tune_epochs} epochs, repeats {args.repeats}"
+    )
+    table = pd.DataFrame(rows).assign(setup=setup, machine=machine)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False)
+    with pd.option_context("display.max_colwidth", 80, "display.width", 250):
+        print(table.drop(columns=["setup", "machine"]).to_string(index=False))
+    print(f"\n{setup}; {machine}; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
