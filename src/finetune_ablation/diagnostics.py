@@ -92,21 +92,17 @@ class GapMeter:
         # one trace per function: the batch dimension is free (the last batch is smaller)
         size = clf.model.input_shape[1:]
         images = {"input_signature": [tf.TensorSpec((None, *size), tf.float32)]}
-        pooled_shape = clf.pool.compute_output_shape(clf.base.output_shape)[1:]
-        pooled = {"input_signature": [tf.TensorSpec((None, *pooled_shape), tf.float32)]}
+        pooled = {"input_signature": [tf.TensorSpec((None, *clf.pooled_shape), tf.float32)]}
         self._augment = tf.function(lambda x: clf.augmentation(x, training=True), **images)
-        self._features_train = tf.function(lambda x: self._pool(x, training=True), **images)
-        self._features_infer = tf.function(lambda x: self._pool(x, training=False), **images)
+        self._features_train = tf.function(lambda x: clf.pooled_features(x, training=True), **images)
+        self._features_infer = tf.function(lambda x: clf.pooled_features(x, training=False), **images)
         self._features_no_bn = tf.function(self._trace_no_bn, **images)
         self._head_dropout = tf.function(lambda f: clf.head(clf.dropout(f, training=True)), **pooled)
         self._head_infer = tf.function(lambda f: clf.head(f), **pooled)
 
-    def _pool(self, x, training: bool):
-        return self.clf.pool(self.clf.base(self.clf.preprocess(x), training=training))
-
     def _trace_no_bn(self, x):
         with _batchnorm_on_moving_stats(self.bns):
-            return self._pool(x, training=True)
+            return self.clf.pooled_features(x, training=True)
 
     def _conditions(self):
         """Per batch: labels and the pooled features under train_mode, no_batchnorm, no_dropout, clean."""

@@ -50,7 +50,7 @@ def _pooled(clf: Classifier, batches: tf.data.Dataset) -> tf.data.Dataset:
     """Run preprocess -> base -> pooling once over ``batches``; (features, label) per image, in order."""
     size = clf.model.input_shape[1:]
     extract = tf.function(
-        lambda x: clf.pool(clf.base(clf.preprocess(x), training=False)),
+        lambda x: clf.pooled_features(x, training=False),
         input_signature=[tf.TensorSpec((None, *size), tf.float32)],
     )
     features, labels = [], []
@@ -64,7 +64,7 @@ def extract_features(clf: Classifier, data: Datasets) -> FrozenFeatures:
     """Compute both splits' features once (the base must be frozen: see ``why_not_cacheable``)."""
     train_images = _pooled(clf, data.train_in_order).cache()
     val = _pooled(clf, data.val).batch(data.batch_size).prefetch(tf.data.AUTOTUNE)
-    inputs = keras.Input(shape=clf.pool.compute_output_shape(clf.base.output_shape)[1:], name="pooled_features")
+    inputs = keras.Input(shape=clf.pooled_shape, name="pooled_features")
     head = keras.Model(inputs, clf.head(clf.dropout(inputs)), name="head_on_features")
     train_in_order = train_images.batch(data.batch_size).prefetch(tf.data.AUTOTUNE)
     return FrozenFeatures(head, train_images, train_in_order, val, data)

@@ -49,6 +49,15 @@ class Classifier:
     def binary(self) -> bool:
         return self.head.units == 1
 
+    def pooled_features(self, images, training: bool):
+        """preprocess -> base -> pooling: what the dropout and logits layers see."""
+        return self.pool(self.base(self.preprocess(images), training=training))
+
+    @property
+    def pooled_shape(self) -> tuple[int, ...]:
+        """Shape of one image's pooled features (no batch dimension)."""
+        return tuple(self.pool.compute_output_shape(self.base.output_shape)[1:])
+
 
 def _applications_module(name: str):
     """Only modules inside ``keras.applications`` can be named: config never imports arbitrary code."""
