@@ -28,6 +28,7 @@ from scipy.stats import binomtest
 
 from .augment import augments
 from .config import DiagnosticsLevel
+from .features import why_base_varies
 from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
@@ -83,7 +84,7 @@ class GapMeter:
         self.base_is_stochastic = has_random_layers(clf.base)
         self.augments = augments(clf.augmentation)
         # A frozen, deterministic base maps a clean image to the same features all phase: measure once.
-        self._fixed_clean = not clf.base.trainable_weights and not self.base_is_stochastic
+        self._fixed_clean = why_base_varies(clf.base) is None
         self._clean_features: list[tf.Tensor] = []
         self._seed_states = [
             v for layer in (clf.augmentation, clf.dropout) for v in layer.variables if "seed" in v.path

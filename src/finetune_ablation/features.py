@@ -20,15 +20,20 @@ from .data import Datasets
 from .model import Classifier, has_random_layers
 
 
+def why_base_varies(base: keras.Model) -> str | None:
+    """None if ``base`` maps an image to the same features on every pass; otherwise why it does not."""
+    if base.trainable_weights:
+        return "the base is not fully frozen"
+    if has_random_layers(base):
+        return f"{base.name} has random layers (e.g. stochastic depth) that act in training mode"
+    return None
+
+
 def why_not_cacheable(clf: Classifier) -> str | None:
     """None if the frozen base's features are fixed per image; otherwise the reason they are not."""
     if augments(clf.augmentation):
         return "augmentation changes the images every epoch (use augment=none)"
-    if clf.base.trainable_weights:
-        return "the base is not fully frozen"
-    if has_random_layers(clf.base):
-        return f"{clf.base.name} has random layers (e.g. stochastic depth) that act in training mode"
-    return None
+    return why_base_varies(clf.base)
 
 
 @dataclass
