@@ -93,18 +93,14 @@ class Bench:
             "hydra.sweep.dir": str(self.root / "sweeps" / experiment),
         }
         args = [str(ABLATE), *(["-m"] if multirun else []), *(f"{k}={v}" for k, v in settings.items())]
-        return _timed(args, self.root), experiment
+        return _timed(args, self.root)[0], experiment
 
     def plain_keras(self) -> tuple[float, dict]:
         s = self.sizes
         args = [sys.executable, str(HERE / "plain_keras.py"), str(self.images), f"--image-size={s.image_size}"]
         args += [f"--batch-size={s.batch_size}", "--epochs", str(s.initial_epochs), str(s.fine_tune_epochs)]
-        started = time.perf_counter()
-        result = subprocess.run(args, capture_output=True, text=True, check=False, cwd=self.root)
-        wall = time.perf_counter() - started
-        if result.returncode:
-            sys.exit(f"plain_keras.py failed:\n{result.stderr[-2000:]}")
-        return wall, json.loads(result.stdout.strip().splitlines()[-1])
+        wall, stdout = _timed(args, self.root)
+        return wall, json.loads(stdout.strip().splitlines()[-1])
 
     def runs(self, experiment: str) -> list:
         client = mlflow.MlflowClient(self.uri)
@@ -116,14 +112,15 @@ class Bench:
         return only
 
 
-def _timed(args: list[str], cwd: Path) -> float:
+def _timed(args: list[str], cwd: Path) -> tuple[float, str]:
+    """Wall seconds and stdout of a command; exits with its stderr if it fails."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     started = time.perf_counter()
     result = subprocess.run(args, capture_output=True, text=True, check=False, cwd=cwd, env=env)
     wall = time.perf_counter() - started
     if result.returncode:
         sys.exit(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return wall
+    return wall, result.stdout
 
 
 def _seconds(run, phase: str) -> float:
@@ -156,14 +153,13 @@ def identical_metrics(bench: Bench, first: str, second: str) -> tuple[bool, int]
 
 def ceiling_throughput(bench: Bench) -> dict[str, float]:
     """images/s of raw Keras on in-memory arrays: the same model's ``fit`` per phase and ``base.predict``."""
-    import keras
     import numpy as np
 
     from finetune_ablation.augment import build_augmentation
     from finetune_ablation.config import AugmentConfig, DataConfig, ModelConfig
     from finetune_ablation.data import load_datasets
     from finetune_ablation.model import build_classifier, freeze_base, load_base, unfreeze_top
-    from finetune_ablation.train import loss_and_accuracy, seed_everything
+    from finetune_ablation.train import compile_fresh, seed_everything
 
     s = bench.sizes
     seed_everything(42)
@@ -177,9 +173,8 @@ def ceiling_throughput(bench: Bench) -> dict[str, float]:
     clf = build_classifier(model_cfg, base, build_augmentation(AugmentConfig(), 42), 2, s.image_size)
 
     def fit_rate(learning_rate: float, epochs: int) -> float:
-        loss, accuracy = loss_and_accuracy(True)
         started = time.perf_counter()  # from compile, as the suite's phase timing
-        clf.model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
+        compile_fresh(clf.model, clf.binary, learning_rate)
         clf.model.fit(
             x_train, y_train, batch_size=s.batch_size, epochs=epochs, validation_data=(x_val, y_val), verbose=0
         )

@@ -78,7 +78,7 @@ def limit_tf_threads(threads: int | None) -> None:
         pass
 
 
-def _compile(model: keras.Model, binary: bool, learning_rate: float) -> None:
+def compile_fresh(model: keras.Model, binary: bool, learning_rate: float) -> None:
     """Always a NEW optimizer: reusing the one built for another trainable set raises in Keras 3."""
     loss, accuracy = loss_and_accuracy(binary)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
@@ -128,7 +128,7 @@ def _run_phase(
     """Compile with a new optimizer, fit ``epochs`` epochs numbered from ``first_epoch``, measure.
     With ``features``, the head is trained on the frozen base's cached features instead of images."""
     model, source = (features.model, features) if features else (clf.model, data)
-    _compile(model, clf.binary, learning_rate)
+    compile_fresh(model, clf.binary, learning_rate)
     summary = {k: float(v) for k, v in trainable_summary(clf).items()}
     report = trainable_report(clf)
     last_epoch = first_epoch + epochs - 1
