@@ -4,47 +4,35 @@
     ablate-report --parent-run RUN_ID --out reports/sweep      # one Hydra multirun (its child runs)
 
 Reads the runs with ``mlflow.search_runs`` (so it works on a remote tracking server too), leaves out
-failed, pruned and running runs (and says how many), and writes Markdown, CSV and PNG into ``--out``;
-a sweep's parent run gets the same files as artifacts under ``report/``. The statistics live in
-``report_stats`` as pure functions, the figures in ``report_plots``."""
+failed, pruned and running runs (and says how many), merges copies into distinct runs, and writes
+Markdown, CSV and PNG into ``--out``; a sweep's parent run gets the same files as artifacts under
+``report/``. The statistics live in ``report_stats``, what counts as evidence in ``report_design``, the
+wording in ``report_text``, the figures in ``report_plots`` (docs/report.md explains every rule)."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 
+from . import report_design as rd
 from . import report_plots as plots
 from . import report_stats as rs
+from . import report_text as text
 from .errors import UserError
 from .paths import CONF_DIR
 from .runstore import default_uri, get_run, open_store, run_cli
 from .sweep import REUSED_TAG
 
-# The gap components in the order diagnostics.COMPONENTS removes them (named here, not imported, so the
-# report needs no TensorFlow; a test checks the two agree).
-GAP_COMPONENTS = ("lag", "batchnorm", "dropout", "augmentation", "split")
-METRICS = (
-    "val_accuracy",
-    "accuracy",
-    "train_clean_accuracy",
-    "gap/total",
-    *(f"gap/{c}" for c in GAP_COMPONENTS),
-)
-_SIGNED = {m for m in METRICS if m.startswith("gap/")}
+# The gap components in the order diagnostics.COMPONENTS removes them (named in report_text, not
+# imported, so the report needs no TensorFlow; a test checks the two agree).
+GAP_COMPONENTS = text.GAP_COMPONENTS
+METRICS = text.METRICS
 CURVE_METRICS = ("accuracy", "val_accuracy", "train_clean_accuracy", "loss", "val_loss")
-_MEANING = {
-    "lag": "Keras's training accuracy is averaged over the epoch while the weights still improve",
-    "batchnorm": "BatchNorm normalises training batches with batch statistics, validation with moving ones",
-    "dropout": "dropout is on for training and off for validation",
-    "augmentation": "training images are augmented, validation images are not",
-    "split": "what is left: the validation images themselves are easier or harder (or luck, for few images)",
-}
 
 
 @dataclass(frozen=True)
@@ -118,104 +106,60 @@ def config_groups() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Markdown
-
-
-def _points(value: float, signed: bool) -> str:
-    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
-
-
-def format_cell(row: pd.Series | dict, signed: bool) -> str:
-    """``mean ± sd [low, high]`` in percentage points; one run has no spread, none shows a dash."""
-    if row["n"] == 0:
-        return "–"
-    mean = _points(row["mean"], signed)
-    if row["n"] == 1:
-        return f"{mean} (1 run)"
-    low, high = _points(row["ci_low"], signed), _points(row["ci_high"], signed)
-    cell = f"{mean} ± {100 * row['sd']:.1f} [{low}, {high}]"
-    return cell if row["n"] == row["runs"] else f"{cell} (n={row['n']})"
-
-
-def factor_markdown(factor: rs.Factor, table: pd.DataFrame) -> list[str]:
-    lines = [f"### {factor.name}", ""]
-    if factor.covers:
-        lines += [f"The choice `{factor.name}=...` sets {', '.join(f'`{k}`' for k in factor.covers)}.", ""]
-    if factor.note:
-        lines += [f"Binned: {factor.note}.", ""]
-    levels = list(factor.order)
-    runs = table.drop_duplicates("level").set_index("level")["runs"]
-    lines.append("| metric | " + " | ".join(f"`{v}`" for v in levels) + " |")
-    lines.append("|---|" + "---|" * len(levels))
-    lines.append("| runs | " + " | ".join(str(runs[v]) for v in levels) + " |")
-    for metric in METRICS:
-        cells = table[table["metric"] == metric].set_index("level")
-        if cells["n"].sum() == 0:
-            continue
-        lines.append(f"| {metric} | " + " | ".join(format_cell(cells.loc[v], metric in _SIGNED) for v in levels) + " |")
-    return [*lines, ""]
-
-
-def verdict_line(row: pd.Series | dict) -> str:
-    """``dropout: +4.1 points [3.2, 5.0] — real``"""
-    if row["n"] == 0:
-        return f"- **{row['component']}**: {row['verdict']}"
-    if row["n"] == 1:
-        return f"- **{row['component']}**: {_points(row['mean'], True)} points — {row['verdict']}"
-    low, high = _points(row["ci_low"], True), _points(row["ci_high"], True)
-    return f"- **{row['component']}**: {_points(row['mean'], True)} points [{low}, {high}] — {row['verdict']}"
-
-
-def counts_line(kinds: pd.Series) -> str:
-    counts = kinds.value_counts()
-    used = int(counts.get("finished", 0))
-    left_out = [
-        f"{int(counts.get(k, 0))} {label}"
-        for k, label in (
-            ("failed", "failed or killed"),
-            ("pruned", "pruned"),
-            ("running", "still running"),
-            ("reproduction", "reproductions (copies of other runs)"),
-        )
-    ]
-    return f"**{used} finished runs** are compared; left out of every statistic: {', '.join(left_out)}."
-
-
-def gap_markdown(ranking: pd.DataFrame, total: pd.Series, has_figure: bool) -> list[str]:
-    lines = [
-        "## Why does validation beat training?",
-        "",
-        "Final-epoch gap (validation − training accuracy, percentage points) averaged over every "
-        "compared run, split into its causes (they add up to the total) and ranked by size. A positive "
-        'component lifts validation above training. "real" means the 95% interval excludes zero.',
-        "",
-        verdict_line(total),
-        "",
-    ]
-    for _, row in ranking.iterrows():
-        lines.append(verdict_line(row) + f"  \n  _{_MEANING.get(row['component'], '')}_")
-    lines.append("")
-    if has_figure:
-        lines += ["![gap decomposition](gap_decomposition.png)", ""]
-    return lines
-
-
-# ---------------------------------------------------------------------------------------------------
 # Building the report
 
 
-def study_tables(finished: pd.DataFrame, factors: list[rs.Factor]) -> dict[str, pd.DataFrame]:
-    values = rs.final_metrics(finished, METRICS)
-    return {f.name: rs.factor_table(values, f) for f in factors}
+@dataclass
+class Study:
+    """The finished runs and everything computed from them, per run, per distinct run and per level."""
 
+    runs: pd.DataFrame
+    factors: list[rs.Factor]
+    values: pd.DataFrame  # final metrics + majority rate + validation images, one row per run
+    units: pd.Series  # distinct-run id per run
 
-def gap_summary(finished: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
-    """Ranked components (named without the ``gap/`` prefix) and the total, each with its verdict."""
-    values = rs.final_metrics(finished, [f"gap/{c}" for c in ("total", *GAP_COMPONENTS)])
-    values.columns = [c[len("gap/") :] for c in values.columns]
-    ranking = rs.gap_ranking(values, GAP_COMPONENTS)
-    total = rs.summarize(values["total"])
-    return ranking, pd.Series({"component": "total", **vars(total), "verdict": rs.verdict(total)})
+    @classmethod
+    def of(cls, finished: pd.DataFrame) -> Study:
+        values = pd.concat([rs.final_metrics(finished, METRICS), rd.majority_rates(finished)], axis=1)
+        return cls(finished, rs.find_factors(finished, config_groups()), values, rd.unit_ids(finished))
+
+    def distinct(self, mask: pd.Series | None = None) -> pd.DataFrame:
+        chosen = self.values if mask is None else self.values[mask]
+        return rd.per_unit(chosen, self.units)
+
+    def at_chance(self, mask: pd.Series | None = None) -> bool | None:
+        d = self.distinct(mask)
+        return rd.at_chance(d["val_accuracy"], d["majority"], d["val_count"])
+
+    def runs_at_chance(self) -> pd.Series:
+        v = self.values
+        return pd.Series(
+            [
+                rd.run_at_chance(a, m, n)
+                for a, m, n in zip(v["val_accuracy"], v["majority"], v["val_count"], strict=True)
+            ],
+            index=v.index,
+            dtype=object,
+        )
+
+    def level_chance(self, factor: rs.Factor) -> dict[str, bool | None]:
+        return {level: self.at_chance(factor.levels == level) for level in factor.order}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        metrics = self.values[list(METRICS)]
+        return {f.name: rs.factor_table(metrics, f, self.units) for f in self.factors}
+
+    def gap_summary(self) -> tuple[pd.DataFrame, pd.Series]:
+        """Ranked components (named without ``gap/``) over distinct runs, and the total, with verdicts."""
+        values = self.distinct()[[f"gap/{c}" for c in ("total", *GAP_COMPONENTS)]]
+        values.columns = [c[len("gap/") :] for c in values.columns]
+        ranking = rs.gap_ranking(values, GAP_COMPONENTS)
+        total = rs.summarize(values["total"])
+        row = {"component": "total", **vars(total), "p": rs.p_value(total), "p_holm": float("nan")}
+        if self.at_chance():
+            ranking["verdict"] = text.AT_CHANCE_VERDICT
+            return ranking, pd.Series({**row, "verdict": text.AT_CHANCE_VERDICT})
+        return ranking, pd.Series({**row, "verdict": rs.verdict(total)})
 
 
 def metric_curves(client: mlflow.MlflowClient, run_id: str) -> pd.DataFrame:
@@ -267,65 +211,67 @@ def curves_section(client: mlflow.MlflowClient, finished: pd.DataFrame, out: Pat
     return [*lines, "", "![learning curves](learning_curves.png)", ""]
 
 
-def header_lines(
-    scope: Scope, uri: str, kinds: pd.Series, factors: list[rs.Factor], finished: pd.DataFrame
-) -> list[str]:
-    replicates = {k: rs.param_values(finished, k).nunique() for k in rs.REPLICATE_KEYS}
-    lines = [
-        f"# Ablation report: {scope.title}",
-        "",
-        f"Tracking store `{uri}`, generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `ablate-report`.",
-        "",
-        counts_line(kinds),
-        "",
-        "Swept keys (params that vary across the finished runs): "
-        + (", ".join(f"`{f.name}` ({len(f.order)} levels)" for f in factors) or "none")
-        + "; replicates: "
-        + ", ".join(f"`{k}` ({n} values)" for k, n in replicates.items())
-        + ".",
-        "",
-        "Every number is a run's final-epoch value in percentage points: mean ± standard deviation over the "
-        f"runs at that level (pooled over seeds and the other factors), the {rs.CONFIDENCE:.0%} t-interval "
-        "of the mean in brackets. Exact values: `factors.csv`, `gap_components.csv`, `runs.csv`.",
-        "",
-        "An interval is only as narrow as the runs allow: with 2 runs a level it is the mean ± 12.7 sd/√2 "
-        "and may run past 0 or 100. That is the honest answer; more seeds narrow it.",
-        "",
-    ]
-    return lines
-
-
-def runs_table(finished: pd.DataFrame, factors: list[rs.Factor]) -> pd.DataFrame:
+def runs_table(study: Study, at_chance: pd.Series) -> pd.DataFrame:
     """The raw rows the statistics come from, for anyone who wants to redo them."""
+    finished = study.runs
     frame = pd.DataFrame({"run_id": finished["run_id"], "run_name": finished.get("tags.mlflow.runName")})
     for key in rs.REPLICATE_KEYS:
         frame[key] = rs.param_values(finished, key)
-    for factor in factors:
+    for factor in study.factors:
         frame[factor.name] = factor.levels
-    return pd.concat([frame, rs.final_metrics(finished, METRICS)], axis=1)
+    frame["distinct_run"] = study.units
+    frame[rd.WEIGHTS_TAG] = rd.weights_hashes(finished)
+    frame["at_chance"] = at_chance
+    return pd.concat([frame, study.values], axis=1)
+
+
+def first_lines(
+    scope: Scope,
+    uri: str,
+    kinds: pd.Series,
+    study: Study,
+    identities: dict[str, rd.Identity],
+    chance: dict[str, dict[str, bool | None]],
+) -> list[str]:
+    """What a reader must know before any number: what counts, the replicate design, runs at chance."""
+    lines = text.header_lines(scope.title, uri, kinds)
+    lines += text.design_lines(
+        rd.merges(study.runs, study.units),
+        rd.replicate_design(study.runs),
+        [name for name, identity in identities.items() if identity.changes_nothing],
+    )
+    at_chance = study.runs_at_chance()
+    names = [_run_label(study.runs.loc[i]) for i in at_chance.index[at_chance.eq(True)]]
+    levels = [f"`{name}={v}`" for name, levels in chance.items() for v, c in levels.items() if c]
+    lines += text.chance_lines(study.at_chance(), names, len(study.runs), levels)
+    return lines + text.method_lines(study.factors)
 
 
 def write_report(client: mlflow.MlflowClient, scope: Scope, uri: str, runs: pd.DataFrame, out: Path) -> Path:
     kinds = rs.classify(runs)
     finished = runs[kinds == "finished"]
     if finished.empty:
-        raise UserError(f"no finished runs to compare in {scope.title} ({counts_line(kinds)[2:]})")
+        raise UserError(f"no finished runs to compare in {scope.title} ({text.counts_line(kinds)[2:]})")
     out.mkdir(parents=True, exist_ok=True)
-    factors = rs.find_factors(finished, config_groups())
-    tables = study_tables(finished, factors)
-    ranking, total = gap_summary(finished)
+    study = Study.of(finished)
+    tables = study.tables()
+    ranking, total = study.gap_summary()
+    study_at_chance = study.at_chance()
+    identities = {f.name: rd.factor_identity(finished, f) for f in study.factors}
+    chance = {f.name: study.level_chance(f) for f in study.factors}
 
-    lines = header_lines(scope, uri, kinds, factors, finished)
+    lines = first_lines(scope, uri, kinds, study, identities, chance)
     has_gap = bool(ranking["n"].sum() > 0)
     if has_gap:
-        _save(plots.gap_bars(ranking, total), out / "gap_decomposition.png")
-    lines += gap_markdown(ranking, total, has_gap)
+        _save(plots.gap_bars(ranking, total, bool(study_at_chance)), out / "gap_decomposition.png")
+    lines += text.gap_markdown(ranking, total, has_gap, study_at_chance)
     lines += ["## Factors", ""]
     if tables:
-        _save(plots.main_effects(tables), out / "main_effects.png")
+        majority = float(study.distinct()["majority"].mean())
+        _save(plots.main_effects(tables, chance, majority), out / "main_effects.png")
         lines += ["![main effects](main_effects.png)", ""]
-        for factor in factors:
-            lines += factor_markdown(factor, tables[factor.name])
+        for factor in study.factors:
+            lines += text.factor_markdown(factor, tables[factor.name], identities[factor.name], chance[factor.name])
     else:
         lines += ["No swept keys: every finished run has the same config (apart from seeds).", ""]
     lines += curves_section(client, finished, out)
@@ -334,7 +280,7 @@ def write_report(client: mlflow.MlflowClient, scope: Scope, uri: str, runs: pd.D
     factor_rows = pd.concat(tables.values(), ignore_index=True) if tables else pd.DataFrame(columns=columns)
     factor_rows.to_csv(out / "factors.csv", index=False)
     pd.concat([ranking, total.to_frame().T], ignore_index=True).to_csv(out / "gap_components.csv", index=False)
-    runs_table(finished, factors).to_csv(out / "runs.csv", index=False)
+    runs_table(study, study.runs_at_chance()).to_csv(out / "runs.csv", index=False)
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 

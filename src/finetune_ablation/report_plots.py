@@ -1,6 +1,8 @@
 """Figures of the study report: main effects per factor, the study's gap decomposition, and the learning
 curves of the best and worst run. Accuracies are drawn in percentage points, error bars are the 95%
-t-intervals of the tables, so a figure never shows more certainty than the numbers beside it."""
+t-intervals of the tables, so a figure never shows more certainty than the numbers beside it: a level with
+one distinct run has no interval, so it gets no error bar (a zero-width bar would claim certainty) and an
+``n=1`` label instead."""
 
 from __future__ import annotations
 
@@ -20,14 +22,21 @@ _VERDICT_COLOURS = {"real": "tab:red", "absent: exactly 0 in every run": "lightg
 
 
 def _error_bars(table: pd.DataFrame) -> np.ndarray:
-    """Asymmetric yerr from the interval columns; 0 where a level has one run (no interval)."""
-    low = (100 * (table["mean"] - table["ci_low"])).fillna(0).to_numpy()
-    high = (100 * (table["ci_high"] - table["mean"])).fillna(0).to_numpy()
+    """Asymmetric error bars from the interval columns (rows with an interval only)."""
+    low = (100 * (table["mean"] - table["ci_low"])).to_numpy(dtype=float)
+    high = (100 * (table["ci_high"] - table["mean"])).to_numpy(dtype=float)
     return np.vstack([low, high])
 
 
-def main_effects(tables: dict[str, pd.DataFrame]) -> plt.Figure:
-    """One panel per factor: mean final accuracies per level with 95% intervals."""
+def _has_interval(table: pd.DataFrame) -> np.ndarray:
+    return (table["n"] >= 2).to_numpy() & table["ci_low"].notna().to_numpy()
+
+
+def main_effects(
+    tables: dict[str, pd.DataFrame], chance: dict[str, dict[str, bool | None]], majority: float | None
+) -> plt.Figure:
+    """One panel per factor: mean final accuracies per level with 95% intervals; the majority-class rate
+    as a dashed line, and levels at chance named so under their tick."""
     count = len(tables)
     cols = min(3, count)
     rows = math.ceil(count / cols)
@@ -39,11 +48,19 @@ def main_effects(tables: dict[str, pd.DataFrame]) -> plt.Figure:
             rows_of = table[table["metric"] == metric].set_index("level").loc[levels]
             if rows_of["n"].sum() == 0:
                 continue
+            bars = _has_interval(rows_of)
+            line = ax.plot(x + offset, 100 * rows_of["mean"], _STYLE[metric], markersize=5, label=metric)[0]
             ax.errorbar(
-                x + offset, 100 * rows_of["mean"], yerr=_error_bars(rows_of), fmt=_STYLE[metric],
-                capsize=3, markersize=5, label=metric,
+                (x + offset)[bars], 100 * rows_of["mean"][bars], yerr=_error_bars(rows_of[bars]), fmt="none",
+                ecolor=line.get_color(), capsize=3,
             )  # fmt: skip
-        ax.set_xticks(x, levels, rotation=20 if max(len(v) for v in levels) > 8 else 0, fontsize=8)
+            for xi, yi, n in zip(x + offset, 100 * rows_of["mean"], rows_of["n"], strict=True):
+                if n == 1 and metric == "val_accuracy":
+                    ax.annotate("n=1", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if majority is not None and not math.isnan(majority):
+            ax.axhline(100 * majority, color="gray", linestyle="--", linewidth=1, label="majority class")
+        marked = [f"{v}\n(at chance)" if chance.get(name, {}).get(v) else v for v in levels]
+        ax.set_xticks(x, marked, rotation=20 if max(len(v) for v in levels) > 8 else 0, fontsize=8)
         ax.set_title(name)
         ax.set_ylim(-5, 105)  # accuracy lives in [0, 100]; a wider interval runs off the edge
         ax.set_ylabel("accuracy (%)")
@@ -51,26 +68,34 @@ def main_effects(tables: dict[str, pd.DataFrame]) -> plt.Figure:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[count:]:
         ax.set_visible(False)
-    fig.suptitle("Main effects: mean per level, 95% interval (axis 0-100)", fontsize=10)
+    fig.suptitle("Main effects: mean per level over distinct runs, 95% interval (none for n=1)", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def gap_bars(ranking: pd.DataFrame, total: pd.Series) -> plt.Figure:
+def gap_bars(ranking: pd.DataFrame, total: pd.Series, at_chance: bool) -> plt.Figure:
     """Horizontal bars: each gap component (ranked) and the total, with their 95% intervals."""
     frame = pd.concat([ranking, total.to_frame().T], ignore_index=True)
-    frame = frame[frame["n"] > 0]
+    frame = frame[frame["n"] > 0].reset_index(drop=True)
+    frame[["n", "mean", "ci_low", "ci_high"]] = frame[["n", "mean", "ci_low", "ci_high"]].astype(float)
     y = np.arange(len(frame))[::-1]
     colours = [
         "black" if c == "total" else _VERDICT_COLOURS.get(v, "tab:blue")
         for c, v in zip(frame["component"], frame["verdict"], strict=True)
     ]
     fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(frame) + 1.8))
-    ax.barh(y, 100 * frame["mean"], xerr=_error_bars(frame), color=colours, capsize=4, height=0.6)
-    ax.set_yticks(y, frame["component"])
+    ax.barh(y, 100 * frame["mean"], color=colours, height=0.6)
+    bars = _has_interval(frame)
+    ax.errorbar(100 * frame["mean"][bars], y[bars], xerr=_error_bars(frame[bars]), fmt="none", ecolor="black",
+                capsize=4)  # fmt: skip
+    labels = [f"{c} (n=1)" if n == 1 else c for c, n in zip(frame["component"], frame["n"], strict=True)]
+    ax.set_yticks(y, labels)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("accuracy points (validation - training), final epoch, mean over runs")
-    ax.set_title("Why validation beats training (red: interval excludes 0)")
+    ax.set_xlabel("accuracy points (validation - training), final epoch, mean over distinct runs")
+    title = "Why validation beats training (red: real after Holm's correction)"
+    if at_chance:
+        title = "AT CHANCE: the components are noise\n" + title
+    ax.set_title(title, color="tab:red" if at_chance else "black")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig

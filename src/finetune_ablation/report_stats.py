@@ -2,7 +2,9 @@
 
 Every number is the final-epoch value of one run; the runs at one level of a factor are pooled over
 seeds and every other factor. Intervals are Student-t intervals for the mean: a study has 2-5 runs per
-level, where the normal 1.96 would claim far too much (t is 12.7 for two runs, 4.3 for three)."""
+level, where the normal 1.96 would claim far too much (t is 12.7 for two runs, 4.3 for three). The five
+gap components of a study are five tests at once: their verdicts are Holm-adjusted, so "real" keeps its
+5% error rate for the study as a whole, not per component."""
 
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ NOT_LOGGED = "(not logged)"
 MAX_LEVELS = 8  # a numeric factor with more distinct values (an Optuna search) is binned
 BINS = 4
 
-# Seeds are the replicates the levels are averaged over, not a factor.
-REPLICATE_KEYS = ("seed",)
+# Seeds are the replicates the levels are averaged over, not factors: ``seed`` (initialisation, dropout,
+# augmentation) and ``data.seed`` (the train/validation split and the shuffle order).
+REPLICATE_KEYS = ("seed", "data.seed")
 # Params that say where or how a run was recorded, or that training derives from other settings.
 _NOT_FACTOR_KEYS = {
     "resume",
     "threads",
+    "train.verbose",
     "optuna",
     "data.class_names",
     "model.fine_tune_at_index",
@@ -65,17 +69,41 @@ def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summar
     return Summary(n, mean, sd, mean - half, mean + half)
 
 
-def verdict(s: Summary) -> str:
-    """Plain words for one gap component: is it there, beyond run-to-run noise?"""
+def p_value(s: Summary) -> float:
+    """Two-sided one-sample t-test of mean 0; NaN where there is no spread to test with."""
+    if s.n < 2 or not s.sd > 0:
+        return math.nan
+    t = s.mean / (s.sd / math.sqrt(s.n))
+    return float(2 * stats.t.sf(abs(t), df=s.n - 1))
+
+
+def holm(p_values: Iterable[float]) -> list[float]:
+    """Holm's step-down adjustment (NaN stays NaN and is not counted as a test)."""
+    p = list(p_values)
+    tested = sorted((v, i) for i, v in enumerate(p) if not math.isnan(v))
+    m, running, out = len(tested), 0.0, [math.nan] * len(p)
+    for rank, (v, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * v))
+        out[i] = running
+    return out
+
+
+def verdict(s: Summary, p_adjusted: float | None = None, tests: int = 1) -> str:
+    """Plain words for one gap component: is it there, beyond run-to-run noise? ``p_adjusted`` is its
+    Holm-adjusted p over ``tests`` components tested together (None: tested alone)."""
     if s.n == 0:
         return "not measured (diagnostics=off)"
     if s.n == 1:
         return "one run only: no interval, repeat over seeds"
-    if s.mean == 0 and s.sd == 0:
-        return "absent: exactly 0 in every run"
-    if s.excludes_zero():
-        return "real"
-    return "not distinguishable from zero"
+    if s.sd == 0:
+        if s.mean == 0:
+            return "absent: exactly 0 in every run"
+        return f"no variation: the same value in all {s.n} runs, so no interval"
+    if not s.excludes_zero():
+        return "not distinguishable from zero"
+    if p_adjusted is not None and not p_adjusted < 1 - CONFIDENCE:
+        return f"interval excludes zero, but not after Holm's correction for {tests} tests"
+    return "real"
 
 
 def _tag(runs: pd.DataFrame, name: str) -> pd.Series:
@@ -222,24 +250,33 @@ def final_metrics(runs: pd.DataFrame, metrics: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame(columns, index=runs.index)
 
 
-def factor_table(values: pd.DataFrame, factor: Factor) -> pd.DataFrame:
-    """Long table: one row per (level, metric) with n, mean, sd and the 95% interval."""
+def factor_table(values: pd.DataFrame, factor: Factor, units: pd.Series) -> pd.DataFrame:
+    """Long table: one row per (level, metric) with ``runs`` (finished runs at the level), ``n`` (distinct
+    runs with a value: copies merged by ``units``, each the mean of its runs), mean, sd and the interval."""
     rows = []
     for level in factor.order:
         at_level = values[factor.levels == level]
+        distinct = at_level.groupby(units.loc[at_level.index]).mean()
         for metric in values.columns:
-            s = summarize(at_level[metric])
+            s = summarize(distinct[metric])
             rows.append({"factor": factor.name, "level": level, "runs": len(at_level), "metric": metric, **vars(s)})
     return pd.DataFrame(rows)
 
 
 def gap_ranking(values: pd.DataFrame, components: Iterable[str]) -> pd.DataFrame:
-    """Gap components over the whole study, largest absolute mean first, each with its verdict."""
+    """Gap components over the whole study (one row of ``values`` per distinct run), largest absolute
+    mean first, each with its p-value, its Holm-adjusted p over the components tested, and its verdict."""
     rows = []
     for component in components:
         s = summarize(values[component]) if component in values else summarize([])
-        rows.append({"component": component, **vars(s), "verdict": verdict(s)})
+        rows.append({"component": component, **vars(s), "p": p_value(s)})
     frame = pd.DataFrame(rows)
+    frame["p_holm"] = holm(frame["p"])
+    tests = int(frame["p"].notna().sum())
+    frame["verdict"] = [
+        verdict(Summary(r.n, r.mean, r.sd, r.ci_low, r.ci_high), None if math.isnan(r.p_holm) else r.p_holm, tests)
+        for r in frame.itertuples()
+    ]
     order = frame["mean"].abs().fillna(-1).sort_values(ascending=False, kind="stable").index
     return frame.loc[order].reset_index(drop=True)
 
