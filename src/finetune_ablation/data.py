@@ -108,20 +108,20 @@ def decode_failure_reason(message: str) -> str:
 
 
 @contextlib.contextmanager
-def _stderr_captured() -> Iterator[Callable[[], bytes]]:  # POSIX file descriptors
+def _stderr_captured() -> Iterator[Callable[[], bytes]]:
     """Hold back what C libraries print (libjpeg: "Improper call to JPEG library in state 201") while one
     image is decoded; the caller replays it when the image decodes, and drops it when it is named as
     corrupt (the error line says why)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
+
+        def captured() -> bytes:
+            sink.seek(0)
+            return sink.read()
+
         os.dup2(sink.fileno(), 2)
         try:
-
-            def captured() -> bytes:
-                sink.seek(0)
-                return sink.read()
-
             yield captured
         finally:
             os.dup2(saved, 2)
