@@ -1,17 +1,18 @@
 """Bad input: one clear line naming the problem and the fix, exit code 2, the run FAILED with its error,
-and nothing else in the store harmed."""
+and nothing else in the store harmed. The data cases also run the real ``ablate`` in a subprocess, as a
+user meets them: exactly one ``error:`` line on stderr, no traceback, no TensorFlow internals."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
 from finetune_ablation.cli import run_job
+from finetune_ablation.demo_data import write_image_folder
 
-from .conftest import make_cfg, runs
-
-pytestmark = pytest.mark.slow
+from .conftest import FAST, make_cfg, run_ablate, runs
 
 
 def _fails(capsys, cfg, *expected: str) -> str:
@@ -50,10 +51,66 @@ def test_empty_class_folder(capsys, tracking_uri, own_image_dir):
     _fails(capsys, make_cfg(own_image_dir, tracking_uri), "llama has no images", "remove the empty folder")
 
 
-def test_corrupt_image(capsys, tracking_uri, own_image_dir):
-    (own_image_dir / "alpaca" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    _fails(capsys, make_cfg(own_image_dir, tracking_uri), "corrupt image", "broken.jpg", "delete or replace")
-    _assert_failed_run(tracking_uri, "broken.jpg")
+def _ablate_fails(data_dir: Path, tmp_path: Path, *expected: str) -> str:
+    """``ablate data.dir=...`` as a user runs it: exit 2, one ``error:`` line, no traceback, run FAILED."""
+    uri = f"sqlite:///{tmp_path / 'cli.db'}"
+    done = run_ablate(*FAST, f"data.dir={data_dir}", f"tracking.uri={uri}", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    for noise in ("Traceback", "function_node", "[Op:", "KeyError", "Input file read error", "JPEG library"):
+        assert noise not in done.stderr, done.stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+    (run,) = runs(uri)
+    assert run.info.status == "FAILED" and expected[0] in run.data.tags["error"]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_corrupt_images_are_named_with_the_reason_only(tmp_path, own_image_dir):
+    broken = own_image_dir / "alpaca" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    line = _ablate_fails(own_image_dir, tmp_path, "corrupt image", str(broken), "delete or replace the file")
+    assert f"corrupt image {broken}: Invalid JPEG data or crop window; delete or replace the file" in line
+
+
+def test_empty_image_file(capsys, tracking_uri, own_image_dir):
+    empty = own_image_dir / "not_alpaca" / "empty.png"
+    empty.write_bytes(b"")
+    _fails(capsys, make_cfg(own_image_dir, tracking_uri), f"corrupt image {empty}: Input is empty; delete")
+
+
+def _two_classes(root: Path, alpaca: int, not_alpaca: int) -> Path:
+    write_image_folder(root, image_size=32, per_class=max(alpaca, not_alpaca), seed=0)
+    for name, keep in (("alpaca", alpaca), ("not_alpaca", not_alpaca)):
+        for extra in sorted((root / name).glob("*.png"))[keep:]:
+            extra.unlink()
+    return root
+
+
+@pytest.mark.slow
+def test_a_class_without_validation_images_is_refused(tmp_path):
+    """3 + 30 images, split 0.2, seed 42: Keras puts none of the 3 in validation (6 images, all of the
+    other class), so validation accuracy would measure one class. Refused before any training."""
+    import keras
+
+    data = _two_classes(tmp_path / "few", 3, 30)
+    _, keras_val = keras.utils.image_dataset_from_directory(
+        str(data), validation_split=0.2, subset="both", seed=42, batch_size=None, image_size=(32, 32), verbose=False
+    )
+    assert len(keras_val.file_paths) == 6 and not any("/alpaca/" in p for p in keras_val.file_paths)
+    line = _ablate_fails(data, tmp_path, "class alpaca has none of its 3 images in the validation split")
+    assert "data.validation_split=0.2, data.seed=42" in line and "add images to alpaca" in line
+
+
+@pytest.mark.slow
+def test_too_few_images_for_a_validation_split_gives_the_real_reason(tmp_path):
+    """2 + 2 images: 0.2 x 4 rounds down to 0 validation images (Keras says "No training images found")."""
+    data = _two_classes(tmp_path / "tiny", 2, 2)
+    line = _ablate_fails(data, tmp_path, "data.validation_split=0.2 of 4 images")
+    assert "rounds down to 0 validation images" in line and "at least 5" in line
+    assert "No training images" not in line
 
 
 def test_non_image_file(capsys, tracking_uri, own_image_dir):
@@ -62,8 +119,10 @@ def test_non_image_file(capsys, tracking_uri, own_image_dir):
 
 
 def test_hidden_files_and_folders_are_ignored(tracking_uri, own_image_dir):
-    """OS clutter is not an error and not a class: .DS_Store, .ipynb_checkpoints."""
+    """OS clutter is not an error and not a class: .DS_Store, ._x.jpg, .ipynb_checkpoints (the split is
+    tested against Keras's own in test_data_model.py)."""
     (own_image_dir / "alpaca" / ".DS_Store").write_bytes(b"\0\0junk")
+    (own_image_dir / "alpaca" / "._alpaca_000.jpg").write_bytes(b"\0\x05\x16\x07 Mac OS X")
     (own_image_dir / ".ipynb_checkpoints").mkdir()
     from finetune_ablation.data import scan_folder
 
@@ -108,6 +167,7 @@ def test_tracking_uri_into_missing_folder(capsys, image_dir, tmp_path):
     _fails(capsys, make_cfg(image_dir, f"sqlite:///{tmp_path}/missing/mlflow.db"), "missing folder")
 
 
+@pytest.mark.slow
 def test_failure_harms_no_other_run(capsys, tracking_uri, image_dir):
     """A good run, then a failing one: the good run stays FINISHED with its metrics."""
     assert run_job(make_cfg(image_dir, tracking_uri, "train.initial_epochs=1", "train.fine_tune_epochs=1"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune_ablation.config import DataConfig, ModelConfig
-from finetune_ablation.data import load_datasets, scan_folder
+from finetune_ablation.data import decode_failure_reason, load_datasets, scan_folder
 from finetune_ablation.errors import UserError
 from finetune_ablation.model import load_base
 from finetune_ablation.train import loss_and_accuracy
@@ -30,6 +31,76 @@ def test_split_is_disjoint_complete_and_seeded(image_dir):
     assert {f.relpath for f in load_datasets(_data_cfg(image_dir, seed=7)).val_files} != val
     counts = data.counts()
     assert counts["train.total"] == 30 and counts["val.alpaca"] + counts["val.not_alpaca"] == 10
+
+
+def _keras_split(directory, seed: int, validation_split: float = 0.25) -> tuple[list[str], list[str]]:
+    """The split users had: Keras's own loader, an independent implementation of the assignment."""
+    train, val = keras.utils.image_dataset_from_directory(
+        str(directory),
+        validation_split=validation_split,
+        subset="both",
+        seed=seed,
+        batch_size=None,
+        image_size=(32, 32),
+        verbose=False,
+    )
+    return train.file_paths, val.file_paths
+
+
+def _paths(files) -> list[str]:
+    return [str(f.path) for f in files]
+
+
+def test_split_is_keras_own_assignment_file_for_file(own_image_dir):
+    """Same files, same order, same side as ``image_dataset_from_directory(subset="both")``, nested
+    folders included (Keras orders them by path: ``sub-2`` before ``sub/deeper``)."""
+    image = own_image_dir / "alpaca" / "alpaca_000.png"
+    for sub in ("sub", "sub-2", "sub/deeper"):
+        (own_image_dir / "alpaca" / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, own_image_dir / "alpaca" / sub / "z.png")
+    for seed in (42, 7):
+        data = load_datasets(_data_cfg(own_image_dir, seed=seed))
+        assert (_paths(data.train_files), _paths(data.val_files)) == _keras_split(own_image_dir, seed)
+        assert len(data.train_files) + len(data.val_files) == 43
+
+
+def test_os_clutter_counts_nowhere_and_leaves_the_split_unchanged(own_image_dir, tmp_path):
+    """macOS ``._x.jpg`` resource forks, ``.DS_Store``, hidden folders (inside a class too) and Windows'
+    ``Thumbs.db`` are not data: the folder loads (Keras's own loader dies on ``._x.jpg``), and every
+    file lands on the side Keras puts it in the same folder without the clutter."""
+    clean = tmp_path / "clean"
+    shutil.copytree(own_image_dir, clean)
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
+    (own_image_dir / "alpaca" / "._alpaca_000.jpg").write_bytes(apple_double)
+    (own_image_dir / "not_alpaca" / "._x.png").write_bytes(apple_double)
+    (own_image_dir / "alpaca" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (own_image_dir / "alpaca" / "Thumbs.db").write_bytes(b"\0junk")
+    for hidden in (own_image_dir / ".ipynb_checkpoints", own_image_dir / "alpaca" / ".ipynb_checkpoints"):
+        hidden.mkdir()
+        shutil.copy(own_image_dir / "alpaca" / "alpaca_001.png", hidden / "alpaca_001-checkpoint.png")
+    with pytest.raises(Exception):  # noqa: B017  what users hit before: Keras indexes ._alpaca_000.jpg
+        train, val = keras.utils.image_dataset_from_directory(
+            str(own_image_dir), validation_split=0.25, subset="both", seed=42, batch_size=None, image_size=(32, 32)
+        )
+        for _ in train.concatenate(val):
+            pass
+    data = load_datasets(_data_cfg(own_image_dir))
+    assert data.class_names == ["alpaca", "not_alpaca"]
+    relpaths = {f.relpath for f in data.train_files + data.val_files}
+    assert len(relpaths) == 40 and not any("/." in "/" + r or "Thumbs" in r for r in relpaths)
+    keras_train, keras_val = _keras_split(clean, 42)
+    assert [f.relpath for f in data.train_files] == [str(Path(p).relative_to(clean)) for p in keras_train]
+    assert [f.relpath for f in data.val_files] == [str(Path(p).relative_to(clean)) for p in keras_val]
+    assert data.fingerprint == load_datasets(_data_cfg(clean)).fingerprint
+
+
+def test_corrupt_image_reason_has_no_tensorflow_internals():
+    tf_message = (
+        "{{function_node __wrapped__DecodeImage_device_/job:localhost/replica:0/task:0/device:CPU:0}} "
+        "jpeg::Uncompress failed. Invalid JPEG data or crop window. [Op:DecodeImage] name: "
+    )
+    assert decode_failure_reason(tf_message) == "Invalid JPEG data or crop window"
+    assert decode_failure_reason("{{function_node x}} Input is empty. [Op:DecodeImage]") == "Input is empty"
 
 
 def test_training_split_reshuffles_but_measuring_view_does_not(image_dir):

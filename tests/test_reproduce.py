@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -28,8 +30,6 @@ from finetune_ablation.reproduce_config import (
 )
 
 from .conftest import FAST, artifact_path, history, run_ablate, runs
-
-pytestmark = pytest.mark.slow
 
 EXPERIMENT = "repro"
 
@@ -114,6 +114,7 @@ def reproductions_of(uri: str, run_id: str) -> list:
 # --- the real thing ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reproduction_exits_0_with_max_diff_0(reproduced):
     done, again = reproduced
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,6 +125,7 @@ def test_reproduction_exits_0_with_max_diff_0(reproduced):
     assert new.data.tags["reproduce.match"] == "true"
 
 
+@pytest.mark.slow
 def test_logged_overrides_recompose_to_the_logged_config(reproduced):
     """Same conf/ today: re-composing the CLI's overrides gives the logged config, so no key differs."""
     done, _ = reproduced
@@ -131,6 +133,7 @@ def test_logged_overrides_recompose_to_the_logged_config(reproduced):
     assert "not re-composed" not in done.stderr and "cannot compose" not in done.stderr
 
 
+@pytest.mark.slow
 def test_every_per_epoch_metric_is_identical(original, reproduced):
     uri, run = original
     (new,) = reproduced[1]
@@ -160,6 +163,7 @@ def test_every_per_epoch_metric_is_identical(original, reproduced):
     ],
     ids=["target", "target_in_any_field", "unknown_key", "unknown_top_key", "interpolation", "out_of_range"],
 )
+@pytest.mark.slow
 def test_tampered_logged_config_is_refused(original, capsys, tamper, expected):
     uri, _ = original
     config = _config(original)
@@ -171,6 +175,7 @@ def test_tampered_logged_config_is_refused(original, capsys, tamper, expected):
     assert reproductions_of(uri, copy_id) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["+model._target_=os.system", "hydra.job.chdir=true", "hydra/launcher=basic"])
 def test_tampered_overrides_tag_is_refused(original, capsys, override):
     uri, run = original
@@ -181,6 +186,7 @@ def test_tampered_overrides_tag_is_refused(original, capsys, override):
     assert reproductions_of(uri, copy_id) == []
 
 
+@pytest.mark.slow
 def test_changed_dataset_is_refused(original, own_image_dir, capsys):
     uri, _ = original
     config = _config(original)
@@ -197,6 +203,7 @@ def test_changed_dataset_is_refused(original, own_image_dir, capsys):
     assert "(logged value used)" in err
 
 
+@pytest.mark.slow
 def test_allow_data_change_goes_on_with_a_warning(original, own_image_dir, capsys):
     """Past the data check the run really starts: here it fails fast on a layer name that does not exist,
     which shows the logged value won over the re-composed one (the overrides say fine_tune_at=100)."""
@@ -212,6 +219,78 @@ def test_allow_data_change_goes_on_with_a_warning(original, own_image_dir, capsy
     assert failed.info.status == "FAILED"
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden ones too) with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _victim(root: Path) -> Path:
+    """A folder someone cares about, shaped like a demo folder (the old code deleted its PNGs)."""
+    for name in ("alpaca", "not_alpaca"):
+        (root / name).mkdir(parents=True)
+        (root / name / "holiday.png").write_bytes(b"not yours to delete")
+    (root / "notes.txt").write_text("mine")
+    return root
+
+
+def _private_data_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("ablate-reproduce-data-*"))
+
+
+@pytest.mark.slow
+def test_a_crafted_synthetic_run_cannot_make_reproduce_write_outside(original, capsys, tmp_path):
+    """A logged run with data.synthetic=true names where its images were generated. Reproducing it
+    once wrote and deleted PNGs there before any refusal; now it writes only its own temporary folder."""
+    uri, _ = original
+    victim = _victim(tmp_path / "victim")
+    before, paths_before, private_before = _tree(victim), sorted(victim.rglob("*")), _private_data_dirs()
+    config = _config(original)
+    config["data"].update({"dir": str(victim), "synthetic": True, "synthetic_images_per_class": 20})
+    copy_id = copy_run(original, config)  # its fingerprint tag is the original folder's: refused
+    line, err = refused_with_output(capsys, copy_id, "--tracking-uri", uri)
+    assert "the dataset at the regenerated images (data.synthetic=true) differs" in line
+    assert f"nothing is written at the logged data.dir={victim}" in err
+    assert _tree(victim) == before and sorted(victim.rglob("*")) == paths_before
+    assert _private_data_dirs() == private_before  # removed again
+    assert reproductions_of(uri, copy_id) == []
+
+
+@pytest.mark.slow
+def test_a_synthetic_run_reproduces_bit_for_bit_from_regenerated_images(tmp_path):
+    """The legitimate case: the demo folder is gone (here: replaced by someone's files), the images
+    are generated again from the logged seed and count, and every metric matches."""
+    demo, uri = tmp_path / "demo", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    synthetic = ["data.synthetic=true", "data.synthetic_images_per_class=20", f"data.dir={demo}"]
+    done = run_ablate(
+        *FAST,
+        *synthetic,
+        f"tracking.uri={uri}",
+        f"tracking.experiment={EXPERIMENT}",
+        "train.initial_epochs=1",
+        "train.fine_tune_epochs=1",
+        "model.fine_tune_at=150",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = runs(uri, EXPERIMENT)
+    shutil.rmtree(demo)
+    victim = _victim(demo)
+    before = _tree(victim)
+    exe = Path(sys.executable).with_name("ablate-reproduce")
+    again = subprocess.run(
+        [str(exe), run.info.run_id, "--tracking-uri", uri],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "max |diff| = 0 (tolerance 0): match" in again.stdout
+    assert _tree(victim) == before
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("status", "tags", "expected"),
     [
@@ -227,6 +306,7 @@ def test_runs_that_cannot_be_compared_are_refused(original, capsys, status, tags
     assert expected in refused(capsys, copy_id, "--tracking-uri", uri)
 
 
+@pytest.mark.slow
 def test_unknown_run_and_missing_store_are_one_line_errors(original, capsys, tmp_path):
     uri, _ = original
     assert "no MLflow run 'nope'" in refused(capsys, "nope", "--tracking-uri", uri)

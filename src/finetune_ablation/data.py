@@ -1,19 +1,27 @@
 """The user's image folder as train/validation datasets, checked before any training starts.
 
-The split is Keras's own (``image_dataset_from_directory`` with ``subset="both"`` and the seed: by file,
-disjoint). Images are decoded with the same ops Keras uses, cached once, and the training split is
-reshuffled every epoch from its seed. A second, unshuffled view of the training split serves the
-measuring passes, so measuring never advances the training pipeline's shuffle state."""
+Which files count is decided once, here (``is_ignored``): the scan, the fingerprint and the split all
+read the same list. The split is Keras's own assignment (``image_dataset_from_directory`` with
+``subset="both"`` and the seed: by file, disjoint), computed on that list rather than by a second walk
+of the folder that would see files the scan skipped. Images are decoded with the same ops Keras uses,
+cached once, and the training split is reshuffled every epoch from its seed. A second, unshuffled view
+of the training split serves the measuring passes, so measuring never advances the training pipeline's
+shuffle state."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import sys
+import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
+import numpy as np
 import tensorflow as tf
 
 from .config import DataConfig
@@ -74,7 +82,9 @@ class Datasets:
         return out
 
 
-def _is_ignorable(name: str) -> bool:
+def is_ignored(name: str) -> bool:
+    """The one rule for what is not data, shared by the scan and the split: hidden files and folders
+    (``.DS_Store``, macOS's ``._img.jpg`` resource forks, ``.ipynb_checkpoints``) and Windows' clutter."""
     return name.startswith(".") or name.lower() in _IGNORED_FILES
 
 
@@ -86,17 +96,66 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_TF_INTERNALS = re.compile(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$")  # {{function_node ..}}, [Op:..]
+_TF_CALL_FAILED = re.compile(r"^\w+::\w+ failed\.\s*")  # "jpeg::Uncompress failed." before the reason
+
+
+def decode_failure_reason(message: str) -> str:
+    """TensorFlow's decode error without its internals (``{{function_node ...}}``, ``[Op:DecodeImage]``)."""
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    reason = _TF_CALL_FAILED.sub("", _TF_INTERNALS.sub("", first).strip())
+    return reason.rstrip(".") or "TensorFlow cannot decode it"
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], bytes]]:
+    """Hold back what C libraries print (libjpeg: "Improper call to JPEG library in state 201") while one
+    image is decoded; the caller replays it when the image decodes, and drops it when it is named as
+    corrupt (the error line says why)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+
+        def captured() -> bytes:
+            sink.seek(0)
+            return sink.read()
+
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _check_decodes(path: Path) -> None:
-    try:
-        tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
-        raise UserError(
-            f"corrupt image {path}: it cannot be decoded ({exc.message.splitlines()[0]}); delete or replace the file"
-        ) from None
+    """Decode with the op the pipeline uses, so a file that passes here cannot fail mid-training."""
+    with _stderr_captured() as captured:
+        try:
+            tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+            failure = None
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
+            failure = decode_failure_reason(exc.message)
+        noise = captured()
+    if failure is not None:
+        raise UserError(f"corrupt image {path}: {failure}; delete or replace the file")
+    if noise:
+        os.write(2, noise)
+
+
+def _class_files(root: Path, name: str) -> list[Path]:
+    """A class folder's images in Keras's index order (``index_directory``): folders sorted by path,
+    files sorted by name; hidden files and folders are not walked."""
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(root / name):
+        dirnames[:] = [d for d in dirnames if not is_ignored(d)]
+        walked.append((dirpath, filenames))
+    return [Path(dirpath) / f for dirpath, names in sorted(walked) for f in sorted(names) if not is_ignored(f)]
 
 
 def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
-    """Class names (sorted visible sub-folders) and every image, each checked to decode."""
+    """Class names (sorted visible sub-folders) and every image, each checked to decode, in the order
+    Keras's directory loader indexes them (so the seeded split below assigns each file as Keras would)."""
     if not directory:
         raise UserError(
             "data.dir is not set: pass data.dir=PATH (a folder with one sub-folder per class), or try experiment=demo"
@@ -107,7 +166,7 @@ def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
             f"data.dir={directory} does not exist or is not a folder: pass data.dir=PATH to a folder "
             "with one sub-folder per class"
         )
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_ignorable(p.name))
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_ignored(p.name))
     if len(class_names) < 2:
         raise UserError(
             f"data.dir={directory} has {len(class_names)} class folder(s) {class_names}: a classifier "
@@ -115,24 +174,49 @@ def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
         )
     files: list[ImageFile] = []
     for name in class_names:
-        found = 0
-        for dirpath, dirnames, filenames in os.walk(root / name):
-            dirnames[:] = sorted(d for d in dirnames if not _is_ignorable(d))
-            for filename in sorted(filenames):
-                if _is_ignorable(filename):
-                    continue
-                path = Path(dirpath) / filename
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise UserError(
-                        f"{path} is not an image Keras can read (allowed: {', '.join(IMAGE_SUFFIXES)}): "
-                        "move it out of the data folder or convert it"
-                    )
-                _check_decodes(path)
-                files.append(ImageFile(path, path.relative_to(root).as_posix(), name, _sha256(path)))
-                found += 1
-        if found == 0:
+        paths = _class_files(root, name)
+        if not paths:
             raise UserError(f"class folder {root / name} has no images: add images or remove the empty folder")
+        for path in paths:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(
+                    f"{path} is not an image Keras can read (allowed: {', '.join(IMAGE_SUFFIXES)}): "
+                    "move it out of the data folder or convert it"
+                )
+            _check_decodes(path)
+            files.append(ImageFile(path, path.relative_to(root).as_posix(), name, _sha256(path)))
     return class_names, files
+
+
+def split_files(
+    files: list[ImageFile], class_names: list[str], validation_split: float, seed: int
+) -> tuple[list[ImageFile], list[ImageFile]]:
+    """Keras's ``subset="both"`` split of the scanned files: one ``RandomState(seed)`` shuffle of the
+    whole index, the last ``int(validation_split * n)`` files validate. Equal to
+    ``image_dataset_from_directory``'s split on any folder it can read (tested against it); refuses,
+    with the real reason, a split that leaves a split or a class without images."""
+    shuffled = list(files)
+    np.random.RandomState(seed).shuffle(shuffled)
+    n_val = int(validation_split * len(files))
+    if n_val == 0:
+        needed = next(n for n in range(1, 10**6) if int(validation_split * n) >= 1)
+        raise UserError(
+            f"data.validation_split={validation_split} of {len(files)} images is "
+            f"{validation_split * len(files):.2g}, which rounds down to 0 validation images: add images "
+            f"(at least {needed} in all) or raise data.validation_split"
+        )
+    train, val = shuffled[: len(files) - n_val], shuffled[len(files) - n_val :]
+    for split, chosen in (("validation", val), ("training", train)):
+        present = {f.class_name for f in chosen}
+        for name in class_names:
+            if name not in present:
+                total = sum(1 for f in files if f.class_name == name)
+                raise UserError(
+                    f"class {name} has none of its {total} images in the {split} split "
+                    f"(data.validation_split={validation_split}, data.seed={seed}), so {split} would never "
+                    f"see it: add images to {name}, or change data.validation_split"
+                )
+    return train, val
 
 
 def fingerprint(files: list[ImageFile]) -> str:
@@ -170,25 +254,7 @@ def load_datasets(cfg: DataConfig) -> Datasets:
 
         ensure_demo_dataset(cfg.dir, cfg.synthetic_images_per_class, cfg.seed)
     class_names, files = scan_folder(cfg.dir)
-    by_path = {str(f.path): f for f in files}
-    try:
-        keras_train, keras_val = keras.utils.image_dataset_from_directory(
-            str(Path(cfg.dir).expanduser()),
-            class_names=class_names,
-            validation_split=cfg.validation_split,
-            subset="both",
-            seed=cfg.seed,
-            batch_size=None,
-            image_size=(cfg.image_size, cfg.image_size),
-            verbose=False,
-        )
-    except ValueError as exc:  # e.g. too few images for a split
-        raise UserError(
-            f"cannot split data.dir={cfg.dir} with data.validation_split={cfg.validation_split}: {exc}; "
-            "add images or change the split"
-        ) from None
-    train_files = [by_path[str(Path(p))] for p in keras_train.file_paths]
-    val_files = [by_path[str(Path(p))] for p in keras_val.file_paths]
+    train_files, val_files = split_files(files, class_names, cfg.validation_split, cfg.seed)
 
     train_cached = _images(train_files, class_names, cfg)
     val_cached = _images(val_files, class_names, cfg)

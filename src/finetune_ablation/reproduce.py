@@ -12,11 +12,13 @@ same machine and versions must give the same bits, FACTS)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import tracking
 from .errors import UserError
 from .report_stats import PARENT_ROLE_TAG, PRUNED_TAG, REPRODUCED_TAG
-from .reproduce_config import Rebuilt, rebuild
+from .reproduce_config import rebuild
 from .runstore import default_uri, get_run, open_store, run_cli
 
 _NOT_COMPARED = ("reproduce/", "system/")  # written by the reproduction / wall-clock system metrics
@@ -82,8 +84,9 @@ def check_data(cfg: DictConfig, run: Run, allow_change: bool) -> list[str]:
         return [f"run {run.info.run_id} logged no data.fingerprint: the dataset cannot be checked"]
     if now == logged:
         return []
+    where = "the regenerated images (data.synthetic=true)" if cfg.data.synthetic else f"data.dir={cfg.data.dir}"
     message = (
-        f"the dataset at data.dir={cfg.data.dir} differs from the one run {run.info.run_id} used "
+        f"the dataset at {where} differs from the one run {run.info.run_id} used "
         f"(fingerprint {logged[:12]}... logged, {now[:12]}... now)"
     )
     if not allow_change:
@@ -108,12 +111,33 @@ def environment_warnings(run: Run) -> list[str]:
     return out
 
 
-def reproduction_config(rebuilt: Rebuilt, run: Run, experiment: str, uri: str) -> DictConfig:
+@contextlib.contextmanager
+def own_data_dir(cfg: DictConfig, run: Run) -> Iterator[DictConfig]:
+    """The config with a data folder the reproduction may write. A run with generated images
+    (``data.synthetic=true``) names the folder it wrote them into, and generating means writing (and
+    deleting old PNGs) there: a logged run must not choose where this machine writes. The images are a
+    function of the logged seed and count, so they are generated again into a temporary folder of the
+    reproduction's own, removed when it ends; the logged folder is never touched. A user folder
+    (``synthetic=false``) is only read."""
+    if not cfg.data.synthetic:
+        yield cfg
+        return
+    with tempfile.TemporaryDirectory(prefix="ablate-reproduce-data-") as tmp:
+        print(
+            f"note: run {run.info.run_id} generated its images (data.synthetic=true): generating them again "
+            f"in {tmp} (nothing is written at the logged data.dir={cfg.data.dir})",
+            file=sys.stderr,
+        )
+        yield OmegaConf.merge(cfg, {"data": {"dir": tmp}})
+
+
+def reproduction_config(cfg: DictConfig, run: Run, experiment: str, uri: str) -> DictConfig:
     """The logged config, recorded into this store and the original's experiment under a telling name.
-    Phase 1 is trained again, never loaded from the phase-1 cache: a reproduction recomputes everything."""
+    Phase 1 is trained again, never loaded from the phase-1 cache: a reproduction recomputes everything
+    (and never writes into a ``cache.dir`` the logged run names)."""
     name = f"reproduce {run.info.run_name or run.info.run_id}"[:250]
     return OmegaConf.merge(
-        rebuilt.cfg,
+        cfg,
         {"tracking": {"uri": uri, "experiment": experiment, "run_name": name}, "cache": {"phase1": False}},
     )
 
@@ -212,10 +236,10 @@ def reproduce(args: argparse.Namespace) -> int:
         ]
     )
     _warn(environment_warnings(run))
-    _warn(check_data(rebuilt.cfg, run, args.allow_data_change))
-
     experiment = client.get_experiment(run.info.experiment_id).name
-    new_id = _run_again(reproduction_config(rebuilt, run, experiment, uri), run.info.run_id)
+    with own_data_dir(rebuilt.cfg, run) as cfg:
+        _warn(check_data(cfg, run, args.allow_data_change))
+        new_id = _run_again(reproduction_config(cfg, run, experiment, uri), run.info.run_id)
     comparison = compare(metric_histories(client, run), metric_histories(client, client.get_run(new_id)))
     record(client, new_id, comparison, args.tolerance)
     values = int(comparison.table["values"].sum())
