@@ -71,7 +71,7 @@ def _parallel_jobs() -> int:
 
 
 def _threads(cfg: DictConfig) -> int | None:
-    """TF threads per job: ``threads``, else the cores divided among parallel jobs (FACTS: on 2 cores
+    """TF threads per job: ``threads``, else the cores divided among parallel jobs (docs/stack-facts.md: on 2 cores
     two joblib workers with default pools fight)."""
     if cfg.threads:
         return int(cfg.threads)

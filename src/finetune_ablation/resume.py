@@ -93,7 +93,9 @@ def _differences(run: Run, tags: dict[str, str]) -> list[str]:
     reasons = []
     if old.get(CODE_TAG) != tags[CODE_TAG]:
         before, now = old.get("git.commit"), tags.get("git.commit")
-        if before != now:
+        if CODE_TAG not in old:
+            reasons.append("the run predates the code fingerprint (tag code.sha256)")
+        elif before != now:
             reasons.append(f"the code changed (commit {_short(before)}->{_short(now)})")
         else:
             reasons.append(f"the code changed (uncommitted changes at commit {_short(now)})")

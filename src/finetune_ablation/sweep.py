@@ -128,7 +128,7 @@ class MlflowSweepCallback(Callback):
         try:
             uri = tracking.resolve_uri(config.tracking)
             self.client = tracking.connect(uri)
-            # created once, up front: parallel jobs racing to create it can collide (FACTS)
+            # created once, up front: parallel jobs racing to create it can collide (docs/stack-facts.md)
             self.experiment_id = tracking.ensure_experiment(self.client, uri, config.tracking.experiment)
         except UserError as exc:
             _exit(f"{exc} (no job was launched)", 2)

@@ -1,7 +1,7 @@
 """MLflow plumbing (config group ``tracking``): where runs go, how a run starts and ends, what it is tagged.
 
 One tracking URI rule everywhere: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute
-sqlite file under the project's ``mlruns/`` (FACTS: MLflow's own default is relative to the cwd)."""
+sqlite file under the project's ``mlruns/`` (docs/stack-facts.md: MLflow's own default is relative to the cwd)."""
 
 from __future__ import annotations
 
