@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from .conftest import FAST, run_ablate, runs
@@ -24,27 +30,68 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "flip: null" in result.stdout
 
 
+def _one_error_line(result) -> str:
+    """Bad input: exit 2 and exactly one ``error:`` line on stderr, no traceback (README's promise)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("overrides", "message"),
     [
-        ("data.dirr=x", "Key 'dirr' not in 'DataConfig'"),
-        ("data.image_size=big", "Value 'big' of type 'str' could not be converted to Integer"),
-        ("augment=wild", "Could not find 'augment/wild'"),
-        ("diagnostics.level=sometimes", "Invalid value 'sometimes'"),
+        (["data.dirr=x"], "Key 'dirr' not in 'DataConfig'"),
+        (["data.image_size=big"], "Value 'big' of type 'str' could not be converted to Integer"),
+        (["augment=wild"], "augment=wild is not an option of 'augment': use one of none, standard, strong"),
+        (["model=nonexistent"], "model=nonexistent is not an option of 'model': use one of efficientnet_b0"),
+        (["diagnostics.level=sometimes"], "Invalid value 'sometimes'"),
+        (["model.dropout=interval(0.1"], "check the override's grammar"),
+        (["-m", "model.dropout=choice(0.1,"], "check the override's grammar"),
+        (["-m", "experiment=lr_search", "train.fine_tune_lr=interval(0,x)"], "mismatch type argument end"),
+        (["-m", "experiment=lr_search", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0 is out of range"),
     ],
 )
-def test_typed_schema_rejects_bad_keys_at_start(tmp_path, override, message):
-    result = run_ablate("--cfg", "job", override, cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr
+def test_a_config_hydra_cannot_compose_is_one_line_and_exit_2(tmp_path, overrides, message):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_ablate(*overrides, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert message in _one_error_line(result)
+    assert not list(tmp_path.glob("sweep/*/.hydra"))  # no job ran
+
+
+def test_hydra_full_error_still_shows_hydras_own_message(tmp_path):
+    exe = Path(sys.executable).with_name("ablate")
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([str(exe), "augment=wild"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and "Available options in 'augment'" in result.stderr
+
+
+@pytest.mark.parametrize("mode", [[], ["-m", "model.dropout=0,0.5"]])
+def test_an_unknown_tracking_scheme_is_one_line_and_exit_2(tmp_path, mode):
+    line = _one_error_line(run_ablate(*mode, "tracking.uri=bogus://x", f"data.dir={tmp_path}", cwd=tmp_path))
+    assert "unsupported URI scheme 'bogus'" in line and "tracking.uri" in line
+
+
+def test_a_multirun_whose_store_cannot_be_reached_exits_2_before_any_job(tmp_path):
+    with socket.socket() as probe:  # a free loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_ablate(
+        "-m",
+        "model.dropout=0,0.5",
+        f"tracking.uri=http://127.0.0.1:{port}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    line = _one_error_line(result)
+    assert f"cannot reach the MLflow tracking store http://127.0.0.1:{port}" in line
+    assert "no job was launched" in line
+    assert not list(tmp_path.glob("sweep/*/.hydra"))
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     result = run_ablate(f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"data.dir={tmp_path}/none", cwd=tmp_path)
-    assert result.returncode == 2
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1 and "does not exist" in error_lines[0]
-    assert "Traceback" not in result.stderr
+    assert "does not exist" in _one_error_line(result)
 
 
 def test_a_run_from_the_command_line(tmp_path, image_dir):

@@ -3,19 +3,26 @@ the joblib launcher, and every named study composing."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 
+from finetune_ablation import resume
 from finetune_ablation.paths import EXPERIMENTS_DIR
+from finetune_ablation.sweep import find_parent_run, tag_filter
+from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import encode_value
 
-from .conftest import FAST, run_ablate, runs
-
-pytestmark = pytest.mark.slow
+from .conftest import FAST, make_cfg, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1"]
+SKIPPED = "skipped: identical run "
 
 
 def _sweep(tmp_path: Path, image_dir: Path, *grid: str, name: str = "sweep"):
@@ -25,7 +32,7 @@ def _sweep(tmp_path: Path, image_dir: Path, *grid: str, name: str = "sweep"):
         *QUICK,
         f"data.dir={image_dir}",
         f"tracking.uri={uri}",
-        f"hydra.sweep.dir={tmp_path / name}",
+        f"hydra.sweep.dir={encode_value(str(tmp_path / name))}",  # quoted: names may hold ' or "
         *grid,
         cwd=tmp_path,
     )
@@ -70,6 +77,7 @@ def _check_grouping(uri: str, expected_jobs: int) -> str:
 GRID = ["model.dropout=0,0.5", "augment=none,standard"]
 
 
+@pytest.mark.slow
 def test_multirun_groups_jobs_and_resumes_without_retraining(tmp_path, image_dir):
     uri, result = _sweep(tmp_path, image_dir, *GRID)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,7 +86,7 @@ def test_multirun_groups_jobs_and_resumes_without_retraining(tmp_path, image_dir
     # the same command again: every job is skipped, no new child run, no training
     _, again = _sweep(tmp_path, image_dir, *GRID, name="sweep2")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _out(again).count("skipped: this config already FINISHED") == 4
+    assert _out(again).count(SKIPPED) == 4
     assert "Epoch" not in again.stdout
     parents = _parents(uri)
     assert len(parents) == 2
@@ -90,7 +98,7 @@ def test_multirun_groups_jobs_and_resumes_without_retraining(tmp_path, image_dir
     # one new value in the grid: only that job trains
     _, grown = _sweep(tmp_path, image_dir, "model.dropout=0,0.3", "augment=none", name="sweep3")
     assert grown.returncode == 0, grown.stderr[-3000:]
-    assert _out(grown).count("skipped: this config already FINISHED") == 1
+    assert _out(grown).count(SKIPPED) == 1
     third = next(p for p in _parents(uri) if p.info.run_id not in (first_parent, second_parent.info.run_id))
     (new_child,) = _children(uri, third.info.run_id)
     assert new_child.data.params["model.dropout"] == "0.3"
@@ -100,12 +108,15 @@ def test_multirun_groups_jobs_and_resumes_without_retraining(tmp_path, image_dir
     assert forced.returncode == 0 and "skipped" not in _out(forced)
 
 
+@pytest.mark.slow
 def test_a_failing_job_does_not_kill_the_sweep(tmp_path, image_dir):
-    uri, result = _sweep(tmp_path, image_dir, "model.dropout=0,1.5", "augment=none")
+    # the sweep dir holds both quote characters: the jobs must still find their parent run
+    uri, result = _sweep(tmp_path, image_dir, "model.dropout=0,1.5", "augment=none", name='it\'s "q"')
     assert result.returncode == 1
     assert "error: model.dropout=1.5 is out of range" in _out(result)
-    assert "1 of 2 jobs failed" in _out(result)
+    assert "error: 1 of 2 jobs failed" in result.stderr.splitlines()[-1]
     (parent,) = _parents(uri)
+    assert parent.data.tags["sweep.dir"] == str(tmp_path / 'it\'s "q"')
     assert parent.data.tags["sweep.failed"] == "1"
     statuses = {c.data.params["model.dropout"]: c.info.status for c in _children(uri, parent.info.run_id)}
     assert statuses == {"0.0": "FINISHED", "1.5": "FAILED"}
@@ -113,15 +124,17 @@ def test_a_failing_job_does_not_kill_the_sweep(tmp_path, image_dir):
     assert "out of range" in summary.loc[summary["status"] == "FAILED", "error"].item()
     # the failed job is not "done": resuming the sweep retries it (and fails again), the good one is reused
     _, again = _sweep(tmp_path, image_dir, "model.dropout=0,1.5", "augment=none", name="sweep2")
-    assert _out(again).count("skipped: this config already FINISHED") == 1
+    assert _out(again).count(SKIPPED) == 1
 
 
+@pytest.mark.slow
 def test_joblib_launcher_with_two_workers_groups_the_same_way(tmp_path, image_dir):
     uri, result = _sweep(tmp_path, image_dir, *GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     assert result.returncode == 0, result.stderr[-3000:]
     _check_grouping(uri, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
 def test_every_named_study_composes(tmp_path, name):
     result = run_ablate(f"experiment={name}", "--cfg", "job", cwd=tmp_path)
@@ -129,14 +142,119 @@ def test_every_named_study_composes(tmp_path, name):
     assert f"experiment: {name}" in result.stdout  # each study logs into its own MLflow experiment
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unfreeze_depth", "batchnorm", "regularization", "val_beats_train", "smoke"])
 def test_studies_declare_their_sweep(tmp_path, name):
+    """What Hydra composes for ``hydra.sweeper.params`` is the grid the study's file declares."""
     result = run_ablate(f"experiment={name}", "--cfg", "hydra", "-p", "hydra.sweeper.params", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "," in result.stdout  # e.g. model.fine_tune_at: 0,60,100,120,140,154
+    declared = yaml.safe_load((EXPERIMENTS_DIR / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    composed = yaml.safe_load(result.stdout)
+    assert composed == declared
+    assert any("," in str(values) for values in composed.values())  # at least one factor has 2+ levels
 
 
+@pytest.mark.slow
 def test_joblib_launcher_config_composes(tmp_path):
     result = run_ablate("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "--cfg", "hydra", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "JoblibLauncher" in result.stdout and "n_jobs: 2" in result.stdout
+
+
+QUOTED = ["/a/plain", "/a/it's", '/a/say "hi"', "/a/both'\"", "/a/b\\'q", "/a/%_x'\""]
+
+
+def test_tag_filter_finds_exactly_the_tagged_run_in_a_real_store(tmp_path):
+    """MLflow's filter unescapes nothing inside quotes: every sweep dir must still find its parent."""
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("x")
+    # look-alikes that a wildcard or a case-insensitive match would also find
+    values = set(QUOTED)
+    for value in QUOTED:
+        values |= {value.upper(), value.replace("'", "x").replace('"', "y"), value + "z"}
+    ids = {v: client.create_run(experiment, tags={"sweep.role": "parent", "sweep.dir": v}).info.run_id for v in values}
+    for value in QUOTED:
+        assert find_parent_run(client, experiment, value).info.run_id == ids[value], value
+        clause, recheck = tag_filter("sweep.dir", value)
+        found = {r.info.run_id for r in client.search_runs([experiment], filter_string=clause)}
+        assert ids[value] in found
+        assert recheck or found == {ids[value]}  # an exact clause returns only the run itself
+
+
+def _trained(uri: str) -> list:
+    return [r for r in runs(uri) if "config_hash" in r.data.tags]
+
+
+@pytest.mark.slow
+def test_resume_reuses_only_an_identical_run(tmp_path, own_image_dir):
+    """Skipped when config (display settings aside), images, code and packages are the same; a
+    reproduction never stands in; new images under the same data.dir are trained again."""
+    one = ["model.dropout=0", "augment=none"]
+    uri, first = _sweep(tmp_path, own_image_dir, *one, name="s1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (original,) = _trained(uri)
+
+    _, verbose = _sweep(tmp_path, own_image_dir, *one, "train.verbose=1", name="s2")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert f"{SKIPPED}{original.info.run_id} FINISHED" in _out(verbose)
+    assert len(_trained(uri)) == 1
+
+    # the reproduction is the newest FINISHED run with this config: it must not be the one reused
+    exe = Path(sys.executable).with_name("ablate-reproduce")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [str(exe), original.info.run_id, "--tracking-uri", uri], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (reproduction,) = [r for r in runs(uri) if r.data.tags.get("reproduced_from") == original.info.run_id]
+    assert reproduction.info.status == "FINISHED"
+    assert reproduction.data.tags["config_hash"] == original.data.tags["config_hash"]
+    _, again = _sweep(tmp_path, own_image_dir, *one, name="s3")
+    assert f"{SKIPPED}{original.info.run_id} FINISHED" in _out(again)
+
+    # other images under the same path (another user's folder on a shared server looks the same)
+    image = sorted((own_image_dir / "alpaca").iterdir())[0]
+    shutil.copyfile(sorted((own_image_dir / "not_alpaca").iterdir())[0], image)
+    _, changed = _sweep(tmp_path, own_image_dir, *one, name="s4")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    # named: the newest FINISHED run of this config that is not a reproduction
+    expected = f"re-running: a FINISHED run of this config exists ({original.info.run_id}) but the images"
+    assert expected in _out(changed)
+    assert SKIPPED not in _out(changed)
+    newest = max(_trained(uri), key=lambda r: r.info.start_time)
+    assert newest.data.tags["data.fingerprint"] != original.data.tags["data.fingerprint"]
+    assert "reproduced_from" not in newest.data.tags
+
+
+@pytest.mark.slow
+def test_resume_says_when_code_or_packages_changed(tmp_path, image_dir):
+    """The decision on a real store, for a run made by other code or other package versions."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = make_cfg(image_dir, uri, *QUICK[len(FAST) :])
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("x")
+    tags = resume.identity_tags(cfg)
+    fingerprint = resume.data_fingerprint(cfg)
+
+    def finished(**changed: str) -> str:
+        run = client.create_run(experiment, tags={**tags, "data.fingerprint": fingerprint, **changed})
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    old_code = finished(**{"code.sha256": "0" * 64, "git.commit": "a" * 40})
+    decision = resume.decide(client, experiment, cfg, tags)
+    assert decision.reuse is None
+    assert decision.reason == (
+        f"re-running: a FINISHED run of this config exists ({old_code}) but the code changed "
+        f"(commit aaaaaaaaaaaa->{tags['git.commit'][:12]})"
+    )
+    old_keras = finished(**{"version.keras": "2.0.0"})
+    decision = resume.decide(client, experiment, cfg, tags)
+    assert decision.reuse is None
+    assert f"({old_keras}) but package versions changed (keras 2.0.0->{tags['version.keras']})" in decision.reason
+    running = client.create_run(experiment, tags={**tags, "data.fingerprint": fingerprint}).info.run_id
+    assert resume.decide(client, experiment, cfg, tags).reuse is None  # RUNNING is not done
+    client.set_terminated(running, "FINISHED")
+    assert resume.decide(client, experiment, cfg, tags).reuse.info.run_id == running
+    client.set_tag(running, "reproduced_from", old_code)
+    assert resume.decide(client, experiment, cfg, tags).reuse is None  # a reproduction never stands in

@@ -71,7 +71,7 @@ def _parallel_jobs() -> int:
 
 
 def _threads(cfg: DictConfig) -> int | None:
-    """TF threads per job: ``threads``, else the cores divided among parallel jobs (FACTS: on 2 cores
+    """TF threads per job: ``threads``, else the cores divided among parallel jobs (docs/stack-facts.md: on 2 cores
     two joblib workers with default pools fight)."""
     if cfg.threads:
         return int(cfg.threads)
@@ -80,14 +80,12 @@ def _threads(cfg: DictConfig) -> int | None:
 
 
 def _reuse(client: MlflowClient, done: Run, parent_id: str | None) -> float | None:
-    """Resume: a FINISHED run of this exact config exists, so train nothing and return its result."""
+    """Resume: an identical FINISHED run exists (resume.decide), so train nothing and return its result."""
     from .sweep import REUSED_TAG
 
     if parent_id:
         client.set_tag(done.info.run_id, REUSED_TAG, parent_id)
-    value = done.data.metrics.get("val_accuracy")
-    log.info("skipped: this config already FINISHED as MLflow run %s (resume=false to run again)", done.info.run_id)
-    return value
+    return done.data.metrics.get("val_accuracy")
 
 
 def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float | None:
@@ -98,9 +96,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     run; in a multirun it fails only this job (FAILED in MLflow, the sweep goes on) and returns None."""
     import mlflow
 
-    from . import sweep, tracking
-    from .train import limit_tf_threads, train_and_log
-    from .trial import trial_callbacks, trial_tags
+    from . import resume, sweep, tracking
 
     try:
         uri = tracking.resolve_uri(cfg.tracking)
@@ -108,11 +104,11 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         experiment_id = tracking.ensure_experiment(client, uri, cfg.tracking.experiment)
     except UserError as exc:
         return _fail(exc)
-    config_hash = tracking.config_hash(cfg)
+    from .train import limit_tf_threads, train_and_log  # TensorFlow: only once the store answers
+    from .trial import trial_callbacks, trial_tags
+
     tags = {
-        "config_hash": config_hash,
-        **tracking.git_state(),
-        **tracking.package_versions(),
+        **resume.identity_tags(cfg),
         **_hydra_tags(),
         **(extra_tags or {}),
         **trial_tags(cfg),
@@ -124,9 +120,11 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         parent_id = parent.info.run_id if parent else None
         tags[sweep.DIR_TAG] = sweep_dir
         if cfg.resume:
-            done = sweep.finished_run_with_hash(client, experiment_id, config_hash)
-            if done is not None:
-                return _reuse(client, done, parent_id)
+            decision = resume.decide(client, experiment_id, cfg, tags)
+            if decision.reason:
+                log.info(decision.reason)
+            if decision.reuse is not None:
+                return _reuse(client, decision.reuse, parent_id)
     limit_tf_threads(_threads(cfg))
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(
@@ -170,13 +168,49 @@ def _app(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 
-def main() -> None:
-    """Console-script entry point (``ablate``): non-zero exit when jobs of a multirun failed."""
-    from . import sweep
+def _config_error_line(exc: BaseException) -> str:
+    """Hydra's message for a config it cannot compose, as one line that ends with the fix."""
+    from hydra.errors import InstantiationException, MissingConfigException, OverrideParseException
 
-    _app()
-    if sweep.failed_jobs_in_last_sweep:
-        sys.exit(1)
+    if isinstance(exc, MissingConfigException) and exc.options:
+        group = (exc.missing_cfg_file or "").rsplit("/", 1)[0]
+        wanted = (exc.missing_cfg_file or "").rsplit("/", 1)[-1]
+        return f"{group}={wanted} is not an option of '{group}': use one of {', '.join(exc.options)}"
+    # a failed constructor (e.g. a sweeper setting out of range): its own message says it all
+    errors = [exc.__cause__] if isinstance(exc, InstantiationException) and exc.__cause__ else [exc, exc.__cause__]
+    parts: list[str] = []
+    for err in errors:
+        text = str(err).strip() if err is not None else ""
+        for line in (ln.strip().rstrip(".") for ln in text.splitlines() if ln.strip() and not ln.startswith(" ")):
+            if not line.startswith(("Set the environment", "full_key", "See ")) and line not in " ".join(parts):
+                parts.append(line)
+    hint = "`ablate --cfg job` lists every key with its type and default"
+    if isinstance(exc, InstantiationException):
+        hint = "`ablate --cfg hydra` shows the sweeper's and launcher's settings"
+    elif isinstance(exc, OverrideParseException):
+        hint = "check the override's grammar (https://hydra.cc/docs/advanced/override_grammar/basic/)"
+    return f"{': '.join(parts) or type(exc).__name__}: {hint}"
+
+
+def main() -> None:
+    """Console-script entry point (``ablate``).
+
+    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, sweep.py) or a bug
+    (traceback); 2 bad input: a config Hydra cannot compose (unknown group option, misspelt key, wrong
+    type, bad override or search grammar, bad sweeper setting) or a bad value or store (one
+    ``error: ...`` line, no traceback). ``HYDRA_FULL_ERROR=1`` shows Hydra's full message instead."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's config errors reach us instead of printing them
+    try:
+        _app()
+    except (HydraException, OmegaConfBaseException) as exc:
+        if full_error:
+            raise
+        print(f"error: {_config_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 The parent is created in the launching process by ``MlflowSweepCallback`` (a Hydra callback) and
 tagged with the sweep's absolute directory; each job finds it through MLflow by that tag, so the
 grouping works across processes and machines that share the tracking store (``parent_run_id``,
-FACTS). A job whose config hash already has a FINISHED run is skipped (resume)."""
+docs/stack-facts.md). A job identical to a FINISHED run is skipped (resume.py says when and why)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import sys
 import tempfile
@@ -28,6 +29,9 @@ log = logging.getLogger("finetune_ablation")
 ROLE_TAG = "sweep.role"
 DIR_TAG = "sweep.dir"
 REUSED_TAG = "sweep.last_reused_by"  # set on a FINISHED run that a later sweep skipped to
+# Set on the parent by the Optuna sweeper: trials it launched and counted as failed in this launch.
+SWEEPER_LAUNCHED_TAG = "sweep.sweeper_launched"
+SWEEPER_FAILED_TAG = "sweep.sweeper_failed"
 SUMMARY_METRICS = (
     "val_accuracy",
     "accuracy",
@@ -39,33 +43,34 @@ SUMMARY_METRICS = (
     "gap/augmentation",
     "gap/split",
 )
-# Set by the callback at the end of a multirun, read by ``cli.main`` for the exit code.
-failed_jobs_in_last_sweep = 0
+_UNQUOTABLE = re.compile(r"""['"\\]""")  # characters no MLflow filter string can quote
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
+def tag_filter(key: str, value: str) -> tuple[str, bool]:
+    """An MLflow filter clause selecting runs whose tag ``key`` equals ``value``, and whether the runs it
+    returns must still be compared exactly.
+
+    MLflow's filter strips the quotes around a value and unescapes nothing inside (``\\'`` and ``''``
+    match nothing): a value without ``'`` goes in single quotes, one without ``"`` in double quotes, and
+    one holding both is matched with LIKE, every quote and backslash a one-character wildcard, then
+    compared exactly (tests/test_sweeps.py tries each case on a real store)."""
+    if "'" not in value:
+        return f"tags.`{key}` = '{value}'", False
+    if '"' not in value:
+        return f'tags.`{key}` = "{value}"', False
+    return f"tags.`{key}` LIKE '{_UNQUOTABLE.sub('_', value)}'", True
 
 
 def find_parent_run(client: mlflow.MlflowClient, experiment_id: str, sweep_dir: str) -> Run | None:
     """The parent run of the multirun writing into ``sweep_dir`` (None outside a grouped sweep)."""
+    clause, recheck = tag_filter(DIR_TAG, sweep_dir)
     found = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{ROLE_TAG}` = 'parent' and tags.`{DIR_TAG}` = {_quote(sweep_dir)}",
+        filter_string=f"tags.`{ROLE_TAG}` = 'parent' and {clause}",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=1000 if recheck else 1,
     )
-    return found[0] if found else None
-
-
-def finished_run_with_hash(client: mlflow.MlflowClient, experiment_id: str, config_hash: str) -> Run | None:
-    """A FINISHED, not pruned run of the same config: what a resumed sweep reuses instead of training."""
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.config_hash = {_quote(config_hash)} and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
-    return next((r for r in found if r.data.tags.get("pruned") != "true"), None)
+    return next((r for r in found if r.data.tags.get(DIR_TAG) == sweep_dir), None)
 
 
 def sweep_dir_of(config: DictConfig) -> str:
@@ -100,8 +105,19 @@ def summarize(client: mlflow.MlflowClient, experiment_id: str, parent: Run) -> p
     return frame.drop(columns=constant) if len(frame) > 1 else frame
 
 
+def _exit(message: str, code: int) -> None:
+    """End the multirun with one ``error:`` line. SystemExit is the one exception Hydra lets through
+    a callback (it turns any other into a warning and exits 0), so the exit status is decided here,
+    where the sweep's outcome is known."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
 class MlflowSweepCallback(Callback):
-    """Opens the parent run before the first job and closes it with ``sweep_summary.csv`` after the last."""
+    """Opens the parent run before the first job and closes it with ``sweep_summary.csv`` after the last.
+
+    Exit status of ``ablate -m``: 2 when the tracking store cannot be reached (no job is launched), 1
+    when a job failed (a FAILED child run, or an Optuna trial the sweeper counted as failed), else 0."""
 
     def __init__(self) -> None:
         self.client: mlflow.MlflowClient | None = None
@@ -112,12 +128,11 @@ class MlflowSweepCallback(Callback):
         try:
             uri = tracking.resolve_uri(config.tracking)
             self.client = tracking.connect(uri)
-            # created once, up front: parallel jobs racing to create it can collide (FACTS)
+            # created once, up front: parallel jobs racing to create it can collide (docs/stack-facts.md)
             self.experiment_id = tracking.ensure_experiment(self.client, uri, config.tracking.experiment)
         except UserError as exc:
-            log.error("error: %s (the sweep's jobs will fail the same way)", exc)
-            self.client = None
-            return
+            _exit(f"{exc} (no job was launched)", 2)
+        assert self.client is not None and self.experiment_id is not None
         sweep_dir = sweep_dir_of(config)
         overrides = " ".join(config.hydra.overrides.task)
         parent = self.client.create_run(
@@ -136,19 +151,31 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow parent run %s groups this sweep (%s)", self.parent_id, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global failed_jobs_in_last_sweep
         if self.client is None or self.parent_id is None:
             return
+        try:
+            failed, jobs = self._close_parent()
+        except Exception as exc:  # Hydra would turn it into a warning and exit 0
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            _exit(f"could not close the sweep's MLflow parent run {self.parent_id} ({reason})", 1)
+        if failed:
+            _exit(f"{failed} of {jobs} jobs failed: see their FAILED runs' error tag in MLflow", 1)
+
+    def _close_parent(self) -> tuple[int, int]:
+        """Summary, counts and best run on the parent, then FINISHED; returns (failed jobs, jobs)."""
+        assert self.client is not None and self.parent_id is not None and self.experiment_id is not None
         parent = self.client.get_run(self.parent_id)
         frame = summarize(self.client, self.experiment_id, parent)
         failed = int((frame["status"] != "FINISHED").sum()) if len(frame) else 0
-        failed_jobs_in_last_sweep = failed
+        # an Optuna trial can fail before its job opens a run (the sweeper tags how many did)
+        failed = max(failed, int(parent.data.tags.get(SWEEPER_FAILED_TAG, "0")))
+        jobs = max(len(frame), int(parent.data.tags.get(SWEEPER_LAUNCHED_TAG, "0")))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "sweep_summary.csv"
             frame.to_csv(path, index=False)
             self.client.log_artifact(self.parent_id, str(path))
         counts = {
-            "sweep.jobs": len(frame),
+            "sweep.jobs": jobs,
             "sweep.failed": failed,
             "sweep.reused": int(frame["reused"].sum()) if len(frame) else 0,
             "sweep.pruned": int(frame["pruned"].sum()) if len(frame) else 0,
@@ -163,5 +190,4 @@ class MlflowSweepCallback(Callback):
         self.client.set_terminated(self.parent_id, "FINISHED")
         summary = ", ".join(f"{k.split('.')[1]}={v}" for k, v in counts.items())
         log.info("sweep done (MLflow parent run %s): %s", self.parent_id, summary)
-        if failed:
-            log.error("error: %d of %d jobs failed: see their FAILED runs' error tag in MLflow", failed, len(frame))
+        return failed, jobs

@@ -1,7 +1,7 @@
 """MLflow plumbing (config group ``tracking``): where runs go, how a run starts and ends, what it is tagged.
 
 One tracking URI rule everywhere: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute
-sqlite file under the project's ``mlruns/`` (FACTS: MLflow's own default is relative to the cwd)."""
+sqlite file under the project's ``mlruns/`` (docs/stack-facts.md: MLflow's own default is relative to the cwd)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ from .errors import UserError
 from .paths import PROJECT_ROOT, default_tracking_uri
 
 MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
-# Keys that say where and how a run is recorded, not what it computes: left out of the config hash.
-_NOT_HASHED = ("tracking", "optuna", "resume", "threads", "cache")
+# Keys that say where, how or how verbosely a run is recorded, not what it computes: left out of the
+# config hash. ``cache.features`` stays in (the feature cache equals the uncached run only to float
+# tolerance); the phase-1 cache restores a bit-identical state, so where it lives and whether it is used
+# do not count.
+_NOT_HASHED = ("tracking", "optuna", "resume", "threads", "cache.dir", "cache.phase1", "train.verbose")
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -53,6 +56,11 @@ def _no_http_retries():
                 os.environ[key] = value
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def connect(uri: str) -> mlflow.MlflowClient:
     """A client for ``uri``, checked to answer; a clear error naming the URI otherwise."""
     db = sqlite_path(uri)
@@ -64,14 +72,21 @@ def connect(uri: str) -> mlflow.MlflowClient:
                 f"tracking URI {uri} points into a missing folder {db.parent}: create it or fix "
                 "tracking.uri / MLFLOW_TRACKING_URI"
             )
-    client = mlflow.MlflowClient(uri)
+    try:
+        client = mlflow.MlflowClient(uri)
+    except Exception as exc:  # an unknown scheme (bogus://x) fails here
+        scheme = uri.split(":", 1)[0] if ":" in uri else uri
+        reason = f"unsupported URI scheme {scheme!r}" if "unsupported URI" in str(exc) else _first_line(exc)
+        raise UserError(
+            f"MLflow cannot open the tracking URI {uri} ({reason}): use sqlite:///ABSOLUTE/PATH.db or "
+            "http://HOST:PORT in tracking.uri / MLFLOW_TRACKING_URI"
+        ) from None
     try:
         with _no_http_retries():
             client.search_experiments(max_results=1)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"cannot reach the MLflow tracking store {uri} ({reason}): start the server or fix "
+            f"cannot reach the MLflow tracking store {uri} ({_first_line(exc)}): start the server or fix "
             "tracking.uri / MLFLOW_TRACKING_URI"
         ) from None
     return client
@@ -124,8 +139,15 @@ def config_params(cfg: DictConfig) -> dict[str, str]:
 
 def config_hash(cfg: DictConfig) -> str:
     """Identity of what a run computes: the resolved config without where/how it is recorded."""
-    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    kept = {k: v for k, v in container.items() if k not in _NOT_HASHED}
+    kept = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(kept, dict)
+    for dotted in _NOT_HASHED:
+        *parents, last = dotted.split(".")
+        node = kept
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

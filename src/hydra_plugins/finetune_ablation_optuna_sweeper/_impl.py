@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
+from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
@@ -29,6 +30,10 @@ from ._search_space import SearchSpace, grid_values, parse_search_space, short_h
 from .handoff import PRUNED_USER_ATTR, TrialHandoff, open_storage
 
 log = logging.getLogger(__name__)
+
+
+class SweepSettingsError(CompactHydraException):
+    """A sweep that cannot start (bad search space, storage or direction): Hydra prints only the message."""
 
 
 @dataclass
@@ -72,6 +77,8 @@ class _Run:
     total: int
     pruner: dict[str, Any]
     heartbeat: _study.Heartbeat
+    launched: int = 0  # trials launched by this sweeper in this launch
+    failed: int = 0  # ... and told FAIL: the multirun's exit status counts them (finetune_ablation.sweep)
 
 
 class OptunaSweeperImpl(Sweeper):
@@ -94,7 +101,10 @@ class OptunaSweeperImpl(Sweeper):
     # -- the sweep ---------------------------------------------------------------------------------
 
     def sweep(self, arguments: list[str]) -> None:
-        run = self._start(arguments)
+        try:
+            run = self._start(arguments)
+        except ValueError as exc:  # a bad search space, storage or direction: one line, exit 2
+            raise SweepSettingsError(str(exc)) from None
         with run.heartbeat:
             try:
                 self._optimize(run)
@@ -117,13 +127,12 @@ class OptunaSweeperImpl(Sweeper):
         return run
 
     def _optimize(self, run: _Run) -> None:
-        launched = failed = 0
         while batch := self._ask_batch(run):
-            failed += self._run_batch(run, batch)
-            launched += len(batch)
-            if self._too_many_failures(failed, launched, run.total):
+            run.failed += self._run_batch(run, batch)
+            run.launched += len(batch)
+            if self._too_many_failures(run.failed, run.launched, run.total):
                 return
-        if not launched:
+        if not run.launched:
             log.info("nothing to run: the study's trials already reach n_trials=%d", run.total)
 
     def _ask_batch(self, run: _Run) -> list[Trial]:
@@ -182,7 +191,8 @@ class OptunaSweeperImpl(Sweeper):
 
     def _too_many_failures(self, failed: int, launched: int, total: int) -> bool:
         """Logs why the sweep stops early. It returns instead of raising, so Hydra's end-of-multirun
-        callbacks still close the MLflow parent run (whose failed children make ``ablate`` exit 1)."""
+        callbacks still close the MLflow parent run and make ``ablate`` exit 1 (the failed trials are
+        tagged on it, ``_results.log_to_parent``)."""
         rate = self.settings.max_failure_rate
         if failed and failed / launched > rate:
             log.error(
@@ -204,7 +214,7 @@ class OptunaSweeperImpl(Sweeper):
         try:
             results = _results.summarize(run.study, run.total, run.storage_url)
             files = _results.write_outputs(run.study, results, Path(self.config.hydra.sweep.dir))
-            parent = _results.log_to_parent(self.config, results, files)
+            parent = _results.log_to_parent(self.config, results, files, run.launched, run.failed)
             log.info(
                 "best value %s with %s (study %s%s)",
                 results["best_value"],

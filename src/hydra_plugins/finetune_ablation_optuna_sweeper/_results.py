@@ -83,14 +83,19 @@ def _plots(study: optuna.Study, out: Path) -> list[Path]:
     return written
 
 
-def log_to_parent(config: DictConfig, results: dict[str, Any], files: list[Path]) -> str | None:
+def log_to_parent(
+    config: DictConfig, results: dict[str, Any], files: list[Path], launched: int = 0, failed: int = 0
+) -> str | None:
     """Log the results on this multirun's MLflow parent run; the run id, or None without a parent.
+
+    ``launched``/``failed`` (this launch's trials) are tagged too: a trial can fail before its job
+    opens an MLflow run, and the grouping's end-of-sweep callback counts them in the exit status.
 
     The parent run comes from the suite's multirun grouping (``finetune_ablation.sweep``), found by
     the sweep dir; without that grouping, or outside the suite's config, nothing is logged."""
     try:
         from finetune_ablation import tracking
-        from finetune_ablation.sweep import find_parent_run, sweep_dir_of
+        from finetune_ablation.sweep import SWEEPER_FAILED_TAG, SWEEPER_LAUNCHED_TAG, find_parent_run, sweep_dir_of
     except ImportError:
         log.info("no multirun grouping installed: the results stay in the sweep dir only")
         return None
@@ -107,6 +112,8 @@ def log_to_parent(config: DictConfig, results: dict[str, Any], files: list[Path]
         log.info("no MLflow parent run for this sweep dir: the results stay in the sweep dir only")
         return None
     _log_results(client, parent.info.run_id, results, files)
+    client.set_tag(parent.info.run_id, SWEEPER_LAUNCHED_TAG, str(launched))
+    client.set_tag(parent.info.run_id, SWEEPER_FAILED_TAG, str(failed))
     return parent.info.run_id
 
 
