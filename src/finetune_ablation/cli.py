@@ -98,7 +98,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     run; in a multirun it fails only this job (FAILED in MLflow, the sweep goes on) and returns None."""
     import mlflow
 
-    from . import sweep, tracking
+    from . import liveness, reaper, sweep, tracking
     from .train import limit_tf_threads, train_and_log
     from .trial import trial_callbacks, trial_tags
 
@@ -108,6 +108,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         experiment_id = tracking.ensure_experiment(client, uri, cfg.tracking.experiment)
     except UserError as exc:
         return _fail(exc)
+    reaper.reap_once(client, uri)  # runs left RUNNING by killed processes become KILLED
     config_hash = tracking.config_hash(cfg)
     tags = {
         "config_hash": config_hash,
@@ -116,6 +117,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         **_hydra_tags(),
         **(extra_tags or {}),
         **trial_tags(cfg),
+        **liveness.process_tags(),
     }
     parent_id = None
     if _in_multirun():
@@ -131,7 +133,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags, parent_run_id=parent_id
-    ) as run:
+    ) as run, liveness.heartbeat(uri, run.info.run_id):
         try:
             mlflow.log_params(tracking.config_params(cfg))
             _log_hydra_files()
@@ -172,9 +174,10 @@ def _app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console-script entry point (``ablate``): non-zero exit when jobs of a multirun failed."""
-    from . import sweep
+    from . import liveness, sweep
 
-    _app()
+    with liveness.ending_open_runs():  # an error, Ctrl-C or SIGTERM ends the runs still open
+        _app()
     if sweep.failed_jobs_in_last_sweep:
         sys.exit(1)
 

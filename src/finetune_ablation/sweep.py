@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from . import tracking
+from . import liveness, reaper, tracking
 from .errors import UserError
 
 log = logging.getLogger("finetune_ablation")
@@ -115,9 +115,9 @@ class MlflowSweepCallback(Callback):
             # created once, up front: parallel jobs racing to create it can collide (FACTS)
             self.experiment_id = tracking.ensure_experiment(self.client, uri, config.tracking.experiment)
         except UserError as exc:
-            log.error("error: %s (the sweep's jobs will fail the same way)", exc)
-            self.client = None
-            return
+            print(f"error: {exc}", file=sys.stderr)  # no parent: the jobs could not be grouped
+            sys.exit(2)
+        reaper.reap_once(self.client, uri)
         sweep_dir = sweep_dir_of(config)
         overrides = " ".join(config.hydra.overrides.task)
         parent = self.client.create_run(
@@ -130,15 +130,18 @@ class MlflowSweepCallback(Callback):
                 "hydra.overrides": overrides[:5000],
                 "hydra.sweeper": str(config.hydra.sweeper.get("_target_", "")),
                 "hydra.launcher": str(config.hydra.launcher.get("_target_", "")),
+                **liveness.process_tags(),
             },
         )
         self.parent_id = parent.info.run_id
+        liveness.start(uri, self.parent_id, on_abort=lambda status: self.on_multirun_end(config, status=status))
         log.info("MLflow parent run %s groups this sweep (%s)", self.parent_id, sweep_dir)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+    def on_multirun_end(self, config: DictConfig, status: str = "FINISHED", **kwargs: Any) -> None:
         global failed_jobs_in_last_sweep
         if self.client is None or self.parent_id is None:
             return
+        liveness.stop(self.parent_id)
         parent = self.client.get_run(self.parent_id)
         frame = summarize(self.client, self.experiment_id, parent)
         failed = int((frame["status"] != "FINISHED").sum()) if len(frame) else 0
@@ -160,8 +163,9 @@ class MlflowSweepCallback(Callback):
             best = finished.loc[finished["val_accuracy"].idxmax()]
             self.client.set_tag(self.parent_id, "sweep.best_run_id", best["run_id"])
             self.client.log_metric(self.parent_id, "best_val_accuracy", float(best["val_accuracy"]))
-        self.client.set_terminated(self.parent_id, "FINISHED")
+        self.client.set_terminated(self.parent_id, status)
         summary = ", ".join(f"{k.split('.')[1]}={v}" for k, v in counts.items())
-        log.info("sweep done (MLflow parent run %s): %s", self.parent_id, summary)
+        ended = "done" if status == "FINISHED" else f"ended {status}"
+        log.info("sweep %s (MLflow parent run %s): %s", ended, self.parent_id, summary)
         if failed:
             log.error("error: %d of %d jobs failed: see their FAILED runs' error tag in MLflow", failed, len(frame))
