@@ -300,3 +300,26 @@ def test_a_sweeper_that_cannot_start_leaves_no_running_parent(tmp_path, image_di
     assert parent.info.status == "FAILED"
     assert parent.data.tags["error"] == says
     assert parent.data.tags["sweep.jobs"] == "0"  # the summary so far was written
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_open_run_killed(tracking_uri):
+    """A batch scheduler's ``kill PID``: the process ends its run itself, KILLED with the reason."""
+    script = (
+        "import sys, time\n"
+        "from finetune_ablation import liveness, tracking\n"
+        "uri = sys.argv[1]\n"
+        "client = tracking.connect(uri)\n"
+        "exp = tracking.ensure_experiment(client, uri, 'e')\n"
+        "run_id = client.create_run(exp, tags=liveness.process_tags()).info.run_id\n"
+        "with liveness.ending_open_runs():\n"
+        "    liveness.start(uri, run_id)\n"
+        "    print(run_id, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, tracking_uri], stdout=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()  # the run is open once its id is printed
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=WAIT_S) != 0
+    run = tracking.connect(tracking_uri).get_run(run_id)
+    assert (run.info.status, run.data.tags["error"]) == ("KILLED", "interrupted (SIGTERM)")
