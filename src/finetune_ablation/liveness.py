@@ -54,13 +54,14 @@ def pid_namespace() -> str:
 
 
 def process_start(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch); None when no live process has that pid."""
+    """When process ``pid`` started (seconds since the epoch); None when no live process has that pid.
+    Raises ``psutil.AccessDenied`` when the process exists but cannot be inspected (so it lives)."""
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:  # dead, only waiting for its parent to reap it
             return None
         return process.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+    except (psutil.NoSuchProcess, ValueError):
         return None
 
 
@@ -137,7 +138,8 @@ def _forget_after_fork() -> None:
     _thread = None
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 # -- ending the runs a stopping process still holds ----------------------------------------------------

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 import mlflow
+import psutil
 from mlflow.entities import Run, ViewType
 
 from . import liveness
@@ -46,7 +47,10 @@ def death_reason(tags: Mapping[str, str], now: datetime | None = None) -> str | 
     pid, host = int(pid_text), tags.get(liveness.HOST_TAG, "?")
     same_machine = host == socket.gethostname() and tags.get(liveness.PID_NAMESPACE_TAG) == liveness.pid_namespace()
     if same_machine:
-        started = liveness.process_start(pid)
+        try:
+            started = liveness.process_start(pid)
+        except psutil.AccessDenied:
+            return None  # another user's process: it exists, so the run lives
         if started is None:
             return f"process {pid} on {host} is gone"
         try:
