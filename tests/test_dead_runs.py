@@ -323,3 +323,19 @@ def test_sigterm_ends_the_open_run_killed(tracking_uri):
     assert proc.wait(timeout=WAIT_S) != 0
     run = tracking.connect(tracking_uri).get_run(run_id)
     assert (run.info.status, run.data.tags["error"]) == ("KILLED", "interrupted (SIGTERM)")
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_sweep_killed_with_its_summary_so_far(tmp_path, image_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.connect(uri)
+    proc = _start(tmp_path, "-m", *QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}", "seed=1,2")
+    _wait_for(lambda: any("mlflow.parentRunId" in r.data.tags for r in runs(uri)), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=WAIT_S) != 0
+    found = runs(uri)
+    (parent,) = [r for r in found if r.data.tags.get("sweep.role") == "parent"]
+    (child,) = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert (parent.info.status, parent.data.tags["error"]) == ("KILLED", "interrupted (Ctrl-C)")
+    assert parent.data.tags["sweep.jobs"] == "1"  # the summary so far: the interrupted job
+    assert child.info.status == "KILLED"
