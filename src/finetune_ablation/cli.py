@@ -96,7 +96,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     run; in a multirun it fails only this job (FAILED in MLflow, the sweep goes on) and returns None."""
     import mlflow
 
-    from . import resume, sweep, tracking
+    from . import liveness, reaper, resume, sweep, tracking
 
     try:
         uri = tracking.resolve_uri(cfg.tracking)
@@ -104,6 +104,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         experiment_id = tracking.ensure_experiment(client, uri, cfg.tracking.experiment)
     except UserError as exc:
         return _fail(exc)
+    reaper.reap_once(client, uri)  # runs left RUNNING by killed processes become KILLED
     from .train import limit_tf_threads, train_and_log  # TensorFlow: only once the store answers
     from .trial import trial_callbacks, trial_tags
 
@@ -112,6 +113,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         **_hydra_tags(),
         **(extra_tags or {}),
         **trial_tags(cfg),
+        **liveness.process_tags(),
     }
     parent_id = None
     if _in_multirun():
@@ -129,7 +131,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags, parent_run_id=parent_id
-    ) as run:
+    ) as run, liveness.heartbeat(uri, run.info.run_id):
         try:
             mlflow.log_params(tracking.config_params(cfg))
             _log_hydra_files()
@@ -202,10 +204,13 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from . import liveness
+
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's config errors reach us instead of printing them
     try:
-        _app()
+        with liveness.ending_open_runs():  # an error, Ctrl-C or SIGTERM ends the runs still open
+            _app()
     except (HydraException, OmegaConfBaseException) as exc:
         if full_error:
             raise

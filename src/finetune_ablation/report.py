@@ -25,6 +25,7 @@ from . import report_stats as rs
 from . import report_text as text
 from .errors import UserError
 from .paths import CONF_DIR
+from .reaper import reap_once
 from .runstore import default_uri, get_run, open_store, run_cli
 from .sweep import REUSED_TAG
 
@@ -288,6 +289,7 @@ def write_report(client: mlflow.MlflowClient, scope: Scope, uri: str, runs: pd.D
 def build(args: argparse.Namespace) -> Path:
     uri = args.tracking_uri or default_uri()
     client = open_store(uri)
+    reap_once(client, uri)  # runs left RUNNING by killed processes are KILLED, not "still running"
     mlflow.set_tracking_uri(uri)
     scope = resolve_scope(client, args, uri)
     runs = fetch_runs(scope)

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from . import tracking
+from . import liveness, reaper, tracking
 from .errors import UserError
 
 log = logging.getLogger("finetune_ablation")
@@ -133,6 +133,7 @@ class MlflowSweepCallback(Callback):
         except UserError as exc:
             _exit(f"{exc} (no job was launched)", 2)
         assert self.client is not None and self.experiment_id is not None
+        reaper.reap_once(self.client, uri)  # runs left RUNNING by killed processes become KILLED
         sweep_dir = sweep_dir_of(config)
         overrides = " ".join(config.hydra.overrides.task)
         parent = self.client.create_run(
@@ -145,24 +146,30 @@ class MlflowSweepCallback(Callback):
                 "hydra.overrides": overrides[:5000],
                 "hydra.sweeper": str(config.hydra.sweeper.get("_target_", "")),
                 "hydra.launcher": str(config.hydra.launcher.get("_target_", "")),
+                **liveness.process_tags(),
             },
         )
         self.parent_id = parent.info.run_id
+        liveness.start(uri, self.parent_id, on_abort=lambda status: self.on_multirun_end(config, status=status))
         log.info("MLflow parent run %s groups this sweep (%s)", self.parent_id, sweep_dir)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+    def on_multirun_end(self, config: DictConfig, status: str = "FINISHED", **kwargs: Any) -> None:
+        """Close the parent; ``status`` is KILLED or FAILED when liveness ends an aborted sweep."""
         if self.client is None or self.parent_id is None:
             return
+        liveness.stop(self.parent_id)
         try:
-            failed, jobs = self._close_parent()
+            failed, jobs = self._close_parent(status)
         except Exception as exc:  # Hydra would turn it into a warning and exit 0
+            if status != "FINISHED":
+                raise  # aborting already: liveness records the parent's end
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             _exit(f"could not close the sweep's MLflow parent run {self.parent_id} ({reason})", 1)
-        if failed:
+        if failed and status == "FINISHED":
             _exit(f"{failed} of {jobs} jobs failed: see their FAILED runs' error tag in MLflow", 1)
 
-    def _close_parent(self) -> tuple[int, int]:
-        """Summary, counts and best run on the parent, then FINISHED; returns (failed jobs, jobs)."""
+    def _close_parent(self, status: str) -> tuple[int, int]:
+        """Summary, counts and best run on the parent, then ``status``; returns (failed jobs, jobs)."""
         assert self.client is not None and self.parent_id is not None and self.experiment_id is not None
         parent = self.client.get_run(self.parent_id)
         frame = summarize(self.client, self.experiment_id, parent)
@@ -187,7 +194,8 @@ class MlflowSweepCallback(Callback):
             best = finished.loc[finished["val_accuracy"].idxmax()]
             self.client.set_tag(self.parent_id, "sweep.best_run_id", best["run_id"])
             self.client.log_metric(self.parent_id, "best_val_accuracy", float(best["val_accuracy"]))
-        self.client.set_terminated(self.parent_id, "FINISHED")
+        self.client.set_terminated(self.parent_id, status)
         summary = ", ".join(f"{k.split('.')[1]}={v}" for k, v in counts.items())
-        log.info("sweep done (MLflow parent run %s): %s", self.parent_id, summary)
+        ended = "done" if status == "FINISHED" else f"ended {status}"
+        log.info("sweep %s (MLflow parent run %s): %s", ended, self.parent_id, summary)
         return failed, jobs

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import TrackingConfig
 from .errors import UserError
 from .paths import PROJECT_ROOT, default_tracking_uri
+from .store import ensure_created
 
 MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
 # Keys that say where, how or how verbosely a run is recorded, not what it computes: left out of the
@@ -72,6 +73,7 @@ def connect(uri: str) -> mlflow.MlflowClient:
                 f"tracking URI {uri} points into a missing folder {db.parent}: create it or fix "
                 "tracking.uri / MLFLOW_TRACKING_URI"
             )
+    ensure_created(uri, db)  # parallel first use of a new sqlite store: migrate once, under a lock
     try:
         client = mlflow.MlflowClient(uri)
     except Exception as exc:  # an unknown scheme (bogus://x) fails here
