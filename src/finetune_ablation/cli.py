@@ -129,9 +129,12 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
                 return _reuse(client, decision.reuse, parent_id)
     limit_tf_threads(_threads(cfg))
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags, parent_run_id=parent_id
-    ) as run, liveness.heartbeat(uri, run.info.run_id):
+    with (
+        mlflow.start_run(
+            experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags, parent_run_id=parent_id
+        ) as run,
+        liveness.heartbeat(uri, run.info.run_id),
+    ):
         try:
             mlflow.log_params(tracking.config_params(cfg))
             _log_hydra_files()
