@@ -236,6 +236,9 @@ def reproduce(args: argparse.Namespace) -> int:
         ]
     )
     _warn(environment_warnings(run))
+    from .train import limit_tf_threads  # before check_data starts TF's runtime, or the run's pools are lost
+
+    limit_tf_threads(rebuilt.cfg.threads)
     experiment = client.get_experiment(run.info.experiment_id).name
     with own_data_dir(rebuilt.cfg, run) as cfg:
         _warn(check_data(cfg, run, args.allow_data_change))

@@ -1,0 +1,202 @@
+"""The engines users scale out to, run for real on 127.0.0.1 (docs/scaling-out.md has the recipes):
+an MLflow tracking server with proxied artifacts, PostgreSQL as Optuna's storage and MLflow's backend
+store, and Hydra's Ray launcher on a local Ray cluster. The servers are started and stopped by the
+fixtures (tests/servers.py); each test runs the real ``ablate`` commands in subprocesses."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from finetune_ablation import tracking
+
+from . import servers
+from .conftest import FAST, history, run_ablate, runs
+
+QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
+
+
+@pytest.fixture(autouse=True)
+def _loopback_env(monkeypatch):
+    """Subprocesses reach the servers directly, never through a proxy; Ray stays on 127.0.0.1."""
+    for key, value in servers.RAY_LOOPBACK_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def mlflow_http(tmp_path) -> str:
+    with servers.mlflow_server(tmp_path / "server") as uri:
+        yield uri
+
+
+def _require(module: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed: {install} (.ci/run does)")
+
+
+@pytest.fixture
+def postgres() -> servers.Postgres:
+    _require("psycopg", "pip install -e '.[engines]'")
+    try:
+        servers.require_postgres()
+    except servers.ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    with servers.postgres_server() as pg:
+        yield pg
+
+
+@pytest.fixture
+def ray_address() -> str:
+    _require("ray", "pip install -e '.[engines]'")
+    _require("hydra_plugins.hydra_ray_launcher", "pip install --no-deps hydra-ray-launcher==1.2.2")
+    try:
+        with servers.ray_cluster() as address:
+            yield address
+    except servers.ServerUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def _ok(result: subprocess.CompletedProcess) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def _console(script: str, *args: str) -> subprocess.CompletedProcess:
+    """One of the suite's console scripts, in a subprocess."""
+    exe = Path(sys.executable).with_name(script)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1200)
+
+
+def _parent_and_children(uri: str, experiment: str = "finetune-ablation"):
+    every = runs(uri, experiment)
+    (parent,) = (r for r in every if r.data.tags.get("sweep.role") == "parent")
+    children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+def _sweep(tmp_path: Path, image_dir: Path, uri: str, *extra: str) -> str:
+    return _ok(
+        run_ablate(
+            "-m",
+            *QUICK,
+            f"data.dir={image_dir}",
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *extra,
+            cwd=tmp_path,
+            timeout=1500,  # generous: a shared 2-core machine can be many times slower than CI's
+        )
+    )
+
+
+@pytest.mark.slow
+def test_a_joblib_sweep_logs_through_an_mlflow_server(tmp_path, image_dir, mlflow_http):
+    """Two joblib workers log over HTTP; artifacts go through the server into its own folder; the report
+    and the reproduction work against the server."""
+    joblib = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    # threads=1 as logged config: the default (cores / parallel jobs) is not logged, so a reproduction
+    # in one process would use 2 threads and differ in the last float bits (reported to the lead)
+    _sweep(tmp_path, image_dir, mlflow_http, "model.dropout=0,0.5", "threads=1", *joblib)
+    parent, children = _parent_and_children(mlflow_http)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.jobs"] == "2"
+    assert sorted(c.data.params["model.dropout"] for c in children) == ["0.0", "0.5"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in [parent, *children])  # proxied
+    stored = tmp_path / "server" / "artifacts"  # the server's --artifacts-destination, read from disk
+    (summary,) = stored.rglob(f"{parent.info.run_id}/artifacts/sweep_summary.csv")
+    assert sorted(pd.read_csv(summary)["val_accuracy"]) == sorted(c.data.metrics["val_accuracy"] for c in children)
+
+    report = tmp_path / "report"
+    _ok(
+        _console(
+            "ablate-report", "--parent-run", parent.info.run_id, "--tracking-uri", mlflow_http, "--out", str(report)
+        )
+    )
+    assert len(pd.read_csv(report / "runs.csv")) == 2
+    assert list(stored.rglob(f"{parent.info.run_id}/artifacts/report/report.md"))  # logged back to the parent
+
+    child = children[0]
+    assert "match" in _ok(_console("ablate-reproduce", child.info.run_id, "--tracking-uri", mlflow_http))
+    (again,) = (r for r in runs(mlflow_http) if r.data.tags.get("reproduced_from") == child.info.run_id)
+    assert history(mlflow_http, again.info.run_id, "val_accuracy") == history(
+        mlflow_http, child.info.run_id, "val_accuracy"
+    )
+
+
+@pytest.mark.slow
+def test_postgres_holds_the_study_of_two_sweepers_and_the_mlflow_store(tmp_path, image_dir, postgres):
+    """Two sweepers at once on one Optuna study in PostgreSQL, logging to an MLflow server whose backend
+    store is PostgreSQL too: exactly n_trials trials done, none numbered twice, every trial a run."""
+    postgres.create_database("optuna")
+    postgres.create_database("mlflow")
+    with servers.mlflow_server(tmp_path / "server", backend_store_uri=postgres.url("mlflow")) as uri:
+        tracking.ensure_experiment(tracking.connect(uri), uri, "lr_search")  # up front: creation races
+        exe = Path(sys.executable).with_name("ablate")
+        args = [
+            *("-m", "experiment=lr_search", *QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}"),
+            *(f"hydra.sweeper.storage={postgres.url('optuna')}", "hydra.sweeper.n_trials=3"),
+        ]
+        logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+        procs = []
+        for i, log in enumerate(logs):  # output to files: kept for a look when a worker hangs or fails
+            with log.open("w") as out:
+                command = [str(exe), *args, f"hydra.sweep.dir={tmp_path / f'worker{i}'}"]
+                procs.append(subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT))
+        try:
+            for proc in procs:
+                proc.wait(timeout=1500)
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+        for proc, log in zip(procs, logs, strict=True):
+            assert proc.returncode == 0, log.read_text()[-4000:]
+        trial_runs = [r for r in runs(uri, "lr_search") if "optuna.trial_number" in r.data.tags]
+
+    (name,) = optuna.get_all_study_names(postgres.url("optuna"))
+    study = optuna.load_study(study_name=name, storage=postgres.url("optuna"))
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(done) == 3
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert {r.data.tags["optuna.trial_number"] for r in trial_runs} == {str(t.number) for t in done}
+    for i in range(2):  # both sweepers took part
+        assert any(p.name.isdigit() for p in (tmp_path / f"worker{i}").iterdir())
+    # MLflow's rows really are in PostgreSQL: count them with SQL, not through MLflow
+    with postgres.connect("mlflow") as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'optuna.trial_number'"
+        ).fetchone()
+    assert count == 3
+
+
+@pytest.mark.slow
+def test_a_ray_sweep_groups_under_one_parent_and_shares_phase1(tmp_path, image_dir, ray_address):
+    """Hydra's Ray launcher on a local Ray cluster: both jobs are children of one parent, ran in Ray
+    workers, and the second one loaded phase 1 from the cache the first one wrote."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    output = _sweep(
+        tmp_path,
+        image_dir,
+        uri,
+        "train.fine_tune_lr=0.0001,0.001",  # phase 2 only: both jobs share phase 1
+        *("cache.phase1=true", f"cache.dir={tmp_path / 'cache'}"),
+        *("hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_address}"),
+        "+hydra.launcher.ray.init.object_store_memory=null",  # the launcher's CI default breaks connecting
+    )
+    assert "Ray Launcher is launching 2 jobs" in output
+    parent, children = _parent_and_children(uri)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all("ray" in c.data.tags["mlflow.source.name"] for c in children)  # a Ray worker ran each job
+    assert sorted(c.data.tags["phase1_cache"] for c in children) == ["hit", "miss"]
+    assert len({c.data.tags["phase1_cache_key"] for c in children}) == 1
+    first, second = (history(uri, c.info.run_id, "val_accuracy")[0] for c in children)
+    assert first == second  # phase 1's last epoch: the very same numbers in both runs
