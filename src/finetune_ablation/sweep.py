@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from . import tracking
+from . import console, tracking
 from .errors import UserError
 
 log = logging.getLogger("finetune_ablation")
@@ -163,5 +163,6 @@ class MlflowSweepCallback(Callback):
         self.client.set_terminated(self.parent_id, "FINISHED")
         summary = ", ".join(f"{k.split('.')[1]}={v}" for k, v in counts.items())
         log.info("sweep done (MLflow parent run %s): %s", self.parent_id, summary)
+        console.print_where_to_look(tracking.resolve_uri(config.tracking), self.experiment_id, self.parent_id, "sweep")
         if failed:
             log.error("error: %d of %d jobs failed: see their FAILED runs' error tag in MLflow", failed, len(frame))

@@ -24,6 +24,7 @@ from .errors import UserError
 from .paths import PROJECT_ROOT, default_tracking_uri
 
 MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI opens such an experiment on its runs table
 # Keys that say where and how a run is recorded, not what it computes: left out of the config hash.
 _NOT_HASHED = ("tracking", "optuna", "resume", "threads", "cache")
 
@@ -97,7 +98,8 @@ def ensure_experiment(client: mlflow.MlflowClient, uri: str, name: str) -> str:
             )
         return existing.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        kind = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, name), tags=kind)
     except MlflowException:
         existing = client.get_experiment_by_name(name)
         if existing is None:
