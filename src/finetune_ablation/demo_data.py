@@ -78,9 +78,9 @@ def _silhouette(rng: np.random.Generator, size: int, long_neck: bool) -> Image.I
     """Mask of an animal: body ellipse, four legs, a head on a long upright neck or held low."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
-    s = rng.uniform(0.55, 0.8) * size  # overall scale
+    s = rng.uniform(0.7, 0.82) * size  # overall scale: the animal nearly fills the image
     bw, bh = s * rng.uniform(0.45, 0.6), s * rng.uniform(0.22, 0.3)
-    leg_h, neck_h = s * rng.uniform(0.2, 0.28), s * rng.uniform(0.3, 0.4)
+    leg_h, neck_h = s * rng.uniform(0.2, 0.28), s * rng.uniform(0.28, 0.36)
     head = s * rng.uniform(0.13, 0.18)
     total_h = bh + leg_h + (neck_h + head if long_neck else head * 0.5)
     x0 = rng.uniform(2 + head, size - 2 - bw - head)
@@ -93,7 +93,7 @@ def _silhouette(rng: np.random.Generator, size: int, long_neck: bool) -> Image.I
     front = rng.random() < 0.5  # facing left or right
     nx = x0 + (bw * 0.86 if front else bw * 0.14 - leg_w * 1.5)
     if long_neck:
-        draw.rectangle((nx, y0 - neck_h, nx + leg_w * 1.5, y0 + bh * 0.4), fill=255)
+        draw.rectangle((nx, y0 - neck_h, nx + leg_w * 2, y0 + bh * 0.4), fill=255)
         hy = y0 - neck_h - head * 0.4
     else:
         hy = y0 + rng.uniform(-0.1, 0.35) * bh

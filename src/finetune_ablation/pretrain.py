@@ -210,6 +210,11 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     return card
 
 
+def demo_weights_path() -> str:
+    """The shipped demo base's weights file (``model.weights=demo``)."""
+    return str(BASES_DIR / WEIGHTS_NAME)
+
+
 def demo_card(bases_dir: Path = BASES_DIR) -> dict:
     return json.loads((bases_dir / CARD_NAME).read_text())
 
