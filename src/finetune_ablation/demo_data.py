@@ -83,8 +83,9 @@ def _silhouette(rng: np.random.Generator, size: int, long_neck: bool) -> Image.I
     leg_h, neck_h = s * rng.uniform(0.2, 0.28), s * rng.uniform(0.28, 0.36)
     head = s * rng.uniform(0.13, 0.18)
     total_h = bh + leg_h + (neck_h + head if long_neck else head * 0.5)
-    x0 = rng.uniform(2 + head, size - 2 - bw - head)
-    y0 = rng.uniform(2 + total_h - bh - leg_h, size - 2 - bh - leg_h)  # top of the body
+    x_high, y_high = size - 2 - bw - head, size - 2 - bh - leg_h
+    x0 = rng.uniform(min(2 + head, x_high), x_high)
+    y0 = rng.uniform(min(2 + total_h - bh - leg_h, y_high), y_high)  # top of the body (a tall one may touch the top)
     draw.ellipse((x0, y0, x0 + bw, y0 + bh), fill=255)
     leg_w = max(2.0, bw * 0.09)
     for fx in (0.12, 0.3, 0.62, 0.8):
