@@ -24,7 +24,7 @@ from .errors import UserError
 from .paths import PROJECT_ROOT, default_tracking_uri
 
 MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the UI opens such an experiment on its runs table
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # model training; MLflow 3.17 UI ignores it (docs/mlflow-ui.md)
 # Keys that say where and how a run is recorded, not what it computes: left out of the config hash.
 _NOT_HASHED = ("tracking", "optuna", "resume", "threads", "cache")
 
