@@ -110,4 +110,4 @@ def test_a_run_from_the_command_line(tmp_path, image_dir):
 def test_demo_experiment_composes_offline_settings(tmp_path):
     result = run_ablate("experiment=demo", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "synthetic: true" in result.stdout and "weights: null" in result.stdout
+    assert "synthetic: true" in result.stdout and "weights: demo" in result.stdout

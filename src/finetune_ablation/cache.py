@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import CacheConfig
 from .model import assign_values, copy_values
 from .paths import MLRUNS_DIR
+from .pretrain import demo_weights_path
 from .tracking import package_versions
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -74,7 +75,8 @@ def _code_hash() -> str:
 def phase1_key(cfg: DictConfig, data_fingerprint: str) -> str:
     """Hash of exactly what phase 1 depends on (and nothing of phase 2)."""
     m = cfg.model
-    weights = m.weights if m.weights in (None, "imagenet") else f"file:{_file_sha256(m.weights)}"
+    path = demo_weights_path() if m.weights == "demo" else m.weights  # demo: the shipped base (pretrain.py)
+    weights = m.weights if m.weights in (None, "imagenet") else f"file:{_file_sha256(path)}"
     inputs = {
         "data": {
             "fingerprint": data_fingerprint,

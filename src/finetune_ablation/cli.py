@@ -94,6 +94,9 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     In a multirun the run is a child of the sweep's parent run, and with ``resume=true`` a config
     that already FINISHED is not trained again. A bad input prints one line and exits 2 in a single
     run; in a multirun it fails only this job (FAILED in MLflow, the sweep goes on) and returns None."""
+    from . import console
+
+    console.quiet_startup()  # before anything imports TensorFlow
     import mlflow
 
     from . import liveness, reaper, resume, sweep, tracking
@@ -153,6 +156,8 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
             log.error("job failed (MLflow run %s):\n%s", run.info.run_id, traceback.format_exc())
             return None
     log.info("MLflow run %s finished: val_accuracy=%.4f (tracking URI %s)", run.info.run_id, result, uri)
+    if not _in_multirun():  # a sweep prints its parent run at the end instead
+        console.print_where_to_look(uri, experiment_id, run.info.run_id)
     return result
 
 

@@ -59,7 +59,7 @@ class TrainConfig:
     initial_epochs: int = 5
     fine_tune_lr: float = 1e-4
     fine_tune_epochs: int = 5
-    verbose: int = 2  # Keras fit verbosity
+    verbose: int = 0  # Keras fit verbosity (0: only the console's short line per epoch)
 
 
 @dataclass

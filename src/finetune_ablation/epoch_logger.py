@@ -1,11 +1,13 @@
 """Per-epoch MLflow logging for a two-phase run. Keras's own autologgers restart steps on the second
-``fit()`` (FACTS), so this callback logs every metric with the global epoch as step and keeps the rows
-for ``history.csv``."""
+``fit()`` (docs/stack-facts.md), so this callback logs every metric with the global epoch as step, keeps
+the rows for ``history.csv`` and prints the console's one short line per epoch."""
 
 from __future__ import annotations
 
 import keras
 import mlflow
+
+from .console import print_epoch
 
 
 def _current_learning_rate(model: keras.Model) -> float:
@@ -23,3 +25,4 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         metrics.setdefault("learning_rate", _current_learning_rate(self.model))
         mlflow.log_metrics(metrics, step=epoch)
         self.rows.append({"epoch": epoch, "phase": self.phase, **metrics})
+        print_epoch(self.phase, epoch, int(self.params.get("epochs") or epoch + 1), metrics)

@@ -83,6 +83,24 @@ def _download_hint(exc: Exception) -> UserError:
     )
 
 
+def _demo_weights(cfg: ModelConfig) -> str:
+    """``model.weights=demo``: the offline base shipped with the package (pretrain.py), checked against
+    its card; the card is logged with the run. Its weights fit any image size, not another width."""
+    from .pretrain import BASES_DIR, WEIGHTS_NAME, demo_card, file_sha256, log_card
+
+    card = demo_card()
+    if (cfg.name, cfg.architecture, cfg.alpha) != ("mobilenet_v2", card["architecture"], card["alpha"]):
+        raise UserError(
+            f"model.weights=demo is a MobileNetV2 with alpha={card['alpha']}: set model.alpha={card['alpha']} "
+            "(and model=mobilenet_v2), or use experiment=demo"
+        )
+    path = BASES_DIR / WEIGHTS_NAME
+    if file_sha256(path) != card["sha256"]:
+        raise UserError(f"{path} does not match its card's sha256: reinstall the package or run ablate-pretrain")
+    log_card(card)
+    return str(path)
+
+
 def load_base(cfg: ModelConfig, image_size: int) -> keras.Model:
     """Build ``keras.applications.<name>.<architecture>`` headless, with the requested weights."""
     module = _applications_module(cfg.name)
@@ -97,11 +115,13 @@ def load_base(cfg: ModelConfig, image_size: int) -> keras.Model:
             raise UserError(f"{cfg.architecture} has no width multiplier: set model.alpha=null")
         kwargs["alpha"] = cfg.alpha
     weights = cfg.weights
-    if weights not in (None, "imagenet"):
+    if weights == "demo":
+        weights = _demo_weights(cfg)
+    elif weights not in (None, "imagenet"):
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(
-                f"model.weights={weights} is not a file: use imagenet, null, or a local .weights.h5/.h5 path"
+                f"model.weights={weights} is not a file: use imagenet, null, demo, or a local .weights.h5/.h5 path"
             )
         weights = str(path)
     try:

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from . import liveness, reaper, tracking
+from . import console, liveness, reaper, tracking
 from .errors import UserError
 
 log = logging.getLogger("finetune_ablation")
@@ -165,6 +165,7 @@ class MlflowSweepCallback(Callback):
                 raise  # aborting already: liveness records the parent's end
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             _exit(f"could not close the sweep's MLflow parent run {self.parent_id} ({reason})", 1)
+        console.print_where_to_look(tracking.resolve_uri(config.tracking), self.experiment_id, self.parent_id, "sweep")
         if failed and status == "FINISHED":
             _exit(f"{failed} of {jobs} jobs failed: see their FAILED runs' error tag in MLflow", 1)
 

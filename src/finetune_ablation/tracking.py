@@ -25,6 +25,7 @@ from .paths import PROJECT_ROOT, default_tracking_uri
 from .store import ensure_created
 
 MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # model training; MLflow 3.17 UI ignores it (docs/mlflow-ui.md)
 # Keys that say where, how or how verbosely a run is recorded, not what it computes: left out of the
 # config hash. ``cache.features`` stays in (the feature cache equals the uncached run only to float
 # tolerance); the phase-1 cache restores a bit-identical state, so where it lives and whether it is used
@@ -114,7 +115,8 @@ def ensure_experiment(client: mlflow.MlflowClient, uri: str, name: str) -> str:
             )
         return existing.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        kind = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, name), tags=kind)
     except MlflowException:
         existing = client.get_experiment_by_name(name)
         if existing is None:

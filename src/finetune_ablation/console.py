@@ -1,0 +1,117 @@
+"""What a person reads in the terminal: no start-up chatter, one short line per epoch, and where to look
+at the end. The full metric set stays in MLflow and ``history.csv``; ``train.verbose=1|2`` adds Keras's
+own progress bar or metric line."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import sys
+import tempfile
+from urllib.parse import urlsplit, urlunsplit
+
+# Lines TensorFlow/XLA print on a CPU-only machine before (or regardless of) any log level: noise, not news.
+_CHATTER = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called|cudart_stub\.cc|cuda_platform\.cc.*cuInit|"
+    r"cuda_(executor|diagnostics|dnn|fft|blas)\.cc|Unable to register cu(DNN|FFT|BLAS) factory|"
+    r"computation placer already registered|oneDNN custom operations are on|"
+    r"This TensorFlow binary is optimized to use available CPU instructions|"
+    r"rebuild TensorFlow with the appropriate compiler flags"
+)
+COMPONENT_ORDER = ("lag", "batchnorm", "dropout", "augmentation", "split")
+_started = False
+
+
+@contextlib.contextmanager
+def _filtered_stderr():
+    """Send file descriptor 2 (where C++ logs go) to a temp file, then replay all but the chatter."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if not _CHATTER.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def quiet_startup() -> None:
+    """Import TensorFlow and start its CPU runtime without the CUDA/absl start-up lines; TF's own
+    warnings and errors, and every Python warning, still show. Call before anything imports TF."""
+    global _started
+    if _started:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO and WARNING off, errors on
+    with _filtered_stderr():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe (cuInit) happens here, inside the filter
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # absl's Python INFO/WARNING lines from TF internals
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    _started = True
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def epoch_line(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> str:
+    """One line: phase, epoch, loss, accuracy, val_accuracy (95% interval), gap and its largest cause."""
+    parts = [f"phase {phase}  epoch {epoch + 1:>2}/{epochs}"]
+    if "loss" in logs:
+        parts.append(f"loss {logs['loss']:.3f}")
+    if "accuracy" in logs:
+        parts.append(f"accuracy {logs['accuracy']:.3f}")
+    if "val_accuracy" in logs:
+        val = f"val_accuracy {logs['val_accuracy']:.3f}"
+        if "val_accuracy_ci_low" in logs:
+            val += f" [{logs['val_accuracy_ci_low']:.2f}, {logs['val_accuracy_ci_high']:.2f}]"
+        parts.append(val)
+    if "gap/total" in logs:
+        components = [c for c in COMPONENT_ORDER if f"gap/{c}" in logs]
+        gap = f"gap {_points(logs['gap/total'])} pts"
+        if components:
+            largest = max(components, key=lambda c: abs(logs[f"gap/{c}"]))
+            gap += f" (largest: {largest} {_points(logs[f'gap/{largest}'])})"
+        parts.append(gap)
+    return "  ".join(parts)
+
+
+def print_epoch(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> None:
+    print(epoch_line(phase, epoch, epochs, logs), flush=True)
+
+
+def _without_password(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def where_to_look(uri: str, experiment_id: str, run_id: str, what: str = "run") -> str:
+    """The run id, how to open MLflow's UI on this store, and the URL of the run's page."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow {what} {run_id}\n  open {uri.rstrip('/')}/{path}"
+    return (
+        f"MLflow {what} {run_id}\n"
+        f"  see it:  mlflow ui --backend-store-uri {shlex.quote(_without_password(uri))}\n"
+        f"  then open http://127.0.0.1:5000/{path}"
+    )
+
+
+def print_where_to_look(uri: str, experiment_id: str, run_id: str, what: str = "run") -> None:
+    print(where_to_look(uri, experiment_id, run_id, what), flush=True)

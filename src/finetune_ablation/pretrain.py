@@ -1,0 +1,279 @@
+"""``ablate-pretrain``: make the offline demo's pretrained base (``model.weights=demo``).
+
+No weights can be downloaded on the machines this suite targets, and a randomly initialised base gives
+features a head cannot use, so the demo could never show what the course shows. This command trains a
+small MobileNetV2 (alpha 0.35) from scratch on a generated SOURCE task: 24 classes, eight shapes times
+three fill textures, in random colours, sizes, angles and positions on random backgrounds. That is not
+the demo's TARGET task (animal silhouettes, demo_data.py), so the demo really transfers features.
+
+It writes the base without its top (``demo_base.weights.h5``) and a card (``demo_base.json``: source
+task, seed, epochs, source accuracy, sha256 of the weights file, package versions). The shipped pair
+lives in ``finetune_ablation/bases/``. Deterministic for a seed on one machine (op determinism on CPU);
+another CPU may round differently, so there the file's bytes, not what it does, can differ.
+
+    ablate-pretrain                 # the shipped base (about 10 minutes on 2 cores)
+    ablate-pretrain --quick --out /tmp/base   # tiny settings, same code path (seconds)"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .demo_data import TEXTURES, background, paint, texture, to_image
+
+BASES_DIR = Path(__file__).resolve().parent / "bases"
+WEIGHTS_NAME = "demo_base.weights.h5"
+CARD_NAME = "demo_base.json"
+SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "crescent")
+SOURCE_CLASSES = tuple(f"{shape}/{fill}" for shape in SHAPES for fill in TEXTURES)
+CALIBRATION_IMAGES = 512
+HELD_OUT = 1_000_000  # the source_split part that no epoch trains on
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the weights (recorded on the card)."""
+
+    seed: int = 7
+    image_size: int = 64
+    alpha: float = 0.35
+    train_per_class: int = 150
+    val_per_class: int = 40
+    epochs: int = 8
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+
+
+FULL = Settings()
+QUICK = replace(FULL, train_per_class=4, val_per_class=2, epochs=1, batch_size=16)
+
+
+def _polygon(cx: float, cy: float, radius: float, angle: float, points: list[tuple[float, float]]):
+    """Unit-circle points scaled, rotated by ``angle`` and moved to (cx, cy)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + radius * (c * x - s * y), cy + radius * (s * x + c * y)) for x, y in points]
+
+
+def _star(n: int, inner: float) -> list[tuple[float, float]]:
+    radii = [1 if i % 2 == 0 else inner for i in range(2 * n)]
+    return [(r * math.cos(math.pi * i / n), r * math.sin(math.pi * i / n)) for i, r in enumerate(radii)]
+
+
+_OUTLINES = {
+    "square": [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)],
+    "triangle": [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)],
+    "cross": [
+        (x * 0.3, y * 0.3)
+        for x, y in [
+            (-1, -3),
+            (1, -3),
+            (1, -1),
+            (3, -1),
+            (3, 1),
+            (1, 1),
+            (1, 3),
+            (-1, 3),
+            (-1, 1),
+            (-3, 1),
+            (-3, -1),
+            (-1, -1),
+        ]
+    ],
+    "star": _star(5, 0.4),
+    "diamond": [(0, -1), (0.55, 0), (0, 1), (-0.55, 0)],
+}
+
+
+def shape_mask(rng: np.random.Generator, shape: str, size: int) -> Image.Image:
+    """An L-mode mask of one shape at a random place, size and angle."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    radius = rng.uniform(0.22, 0.42) * size
+    cx, cy = rng.uniform(radius, size - radius, size=2)
+    angle = rng.uniform(0, 2 * math.pi)
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if shape in _OUTLINES:
+        draw.polygon(_polygon(cx, cy, radius, angle, _OUTLINES[shape]), fill=255)
+    elif shape == "circle":
+        draw.ellipse(box, fill=255)
+    elif shape == "ring":
+        draw.ellipse(box, fill=255)
+        r = radius * 0.55
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=0)
+    elif shape == "crescent":
+        draw.ellipse(box, fill=255)
+        dx, dy = 0.45 * radius * math.cos(angle), 0.45 * radius * math.sin(angle)
+        draw.ellipse((box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy), fill=0)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return mask
+
+
+def draw_source(rng: np.random.Generator, label: int, size: int) -> Image.Image:
+    """One source-task image of class ``SOURCE_CLASSES[label]``."""
+    shape, fill = SOURCE_CLASSES[label].split("/")
+    canvas = background(rng, size)
+    paint(canvas, shape_mask(rng, shape, size), texture(rng, fill, size))
+    return to_image(canvas)
+
+
+def source_split(per_class: int, size: int, seed: int, part: int) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` images of every source class (float32 pixels 0..255, classes interleaved); each
+    ``part`` (an epoch, or the held-out set) is a different draw."""
+    rng = np.random.default_rng([seed, part])
+    labels = np.tile(np.arange(len(SOURCE_CLASSES)), per_class)
+    images = np.stack([np.asarray(draw_source(rng, int(y), size), dtype=np.float32) for y in labels])
+    return images, labels.astype(np.int32)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for dist in ("tensorflow", "keras", "numpy", "pillow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
+    """Train the base on the source task, write weights (no top) and card into ``out_dir``; returns the card."""
+    import keras
+    import tensorflow as tf
+
+    from .model import calibrate_batchnorm
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(settings.seed)
+    tf.config.experimental.enable_op_determinism()
+    size = settings.image_size
+    x_val, y_val = source_split(settings.val_per_class, size, settings.seed, HELD_OUT)
+
+    base = keras.applications.MobileNetV2(
+        input_shape=(size, size, 3), alpha=settings.alpha, include_top=False, weights=None
+    )
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)  # as mobilenet_v2.preprocess_input
+    x = keras.layers.GlobalAveragePooling2D()(base(x))
+    model = keras.Model(inputs, keras.layers.Dense(len(SOURCE_CLASSES))(x))
+    steps = settings.epochs * math.ceil(settings.train_per_class * len(SOURCE_CLASSES) / settings.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(settings.learning_rate, steps)
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    started = time.perf_counter()
+    for epoch in range(settings.epochs):  # fresh images every epoch: a small base memorises a fixed set
+        x_train, y_train = source_split(settings.train_per_class, size, settings.seed, epoch)
+        batches = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(settings.batch_size)
+        model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=verbose)
+    # The moving BN statistics lag far behind a base trained from scratch in a few hundred steps (its
+    # inference-mode accuracy was at chance): set them from the trained base's own activations.
+    # (x_train: the last epoch's draw, classes interleaved)
+    calibrate_batchnorm(base, lambda images: images / 127.5 - 1, x_train[:CALIBRATION_IMAGES])
+    seconds = time.perf_counter() - started
+    _, train_accuracy = model.evaluate(x_train, y_train, batch_size=256, verbose=0)
+    _, val_accuracy = model.evaluate(x_val, y_val, batch_size=256, verbose=0)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_NAME
+    base.save_weights(weights)
+    card = {
+        "name": "demo",
+        "architecture": "MobileNetV2",
+        "alpha": settings.alpha,
+        "include_top": False,
+        "weights_file": WEIGHTS_NAME,
+        "sha256": file_sha256(weights),
+        "source_task": {
+            "description": "generated: 8 shapes x 3 fill textures, random colours, sizes, angles, positions "
+            "and backgrounds (finetune_ablation.pretrain.draw_source)",
+            "classes": list(SOURCE_CLASSES),
+            "train_images": len(x_train) * settings.epochs,  # a fresh draw every epoch
+            "val_images": len(x_val),
+        },
+        "settings": asdict(settings),
+        "epochs": settings.epochs,
+        "seed": settings.seed,
+        "source_train_accuracy": round(float(train_accuracy), 4),
+        "source_val_accuracy": round(float(val_accuracy), 4),
+        "chance_accuracy": round(1 / len(SOURCE_CLASSES), 4),
+        "train_seconds": round(seconds, 1),
+        "versions": _versions(),
+        "command": "ablate-pretrain" if settings == FULL else "ablate-pretrain (custom settings)",
+    }
+    (out_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def demo_weights_path() -> str:
+    """The shipped demo base's weights file (``model.weights=demo``)."""
+    return str(BASES_DIR / WEIGHTS_NAME)
+
+
+def demo_card(bases_dir: Path = BASES_DIR) -> dict:
+    return json.loads((bases_dir / CARD_NAME).read_text())
+
+
+def log_card(card: dict) -> None:
+    """Record which offline base a run used: the card as an artifact, its identity as tags."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_dict(card, "base_card.json")
+    mlflow.set_tags(
+        {
+            "base.name": card["name"],
+            "base.sha256": card["sha256"],
+            "base.source_val_accuracy": str(card["source_val_accuracy"]),
+            "base.seed": str(card["seed"]),
+            "base.epochs": str(card["epochs"]),
+        }
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ablate-pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=BASES_DIR, help="folder for the weights and card")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, same code path (for tests)")
+    parser.add_argument("--seed", type=int, default=None, help=f"default {FULL.seed}")
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL.epochs}")
+    args = parser.parse_args(argv)
+    from . import console
+
+    console.quiet_startup()
+    settings = QUICK if args.quick else FULL
+    if args.seed is not None:
+        settings = replace(settings, seed=args.seed)
+    if args.epochs is not None:
+        settings = replace(settings, epochs=args.epochs)
+    card = pretrain(settings, args.out, verbose=2)
+    print(
+        f"wrote {args.out / WEIGHTS_NAME} (sha256 {card['sha256'][:16]}...): source accuracy "
+        f"{card['source_val_accuracy']:.3f} on {card['source_task']['val_images']} held-out images "
+        f"(chance {card['chance_accuracy']:.3f}), {card['epochs']} epochs in {card['train_seconds']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

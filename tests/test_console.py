@@ -1,0 +1,152 @@
+"""The console: one short line per epoch, no start-up chatter, and where to look at the end of a run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from finetune_ablation.console import epoch_line, where_to_look
+
+from .conftest import FAST, run_ablate, runs
+
+LOGS = {
+    "loss": 0.51234,
+    "accuracy": 0.75,
+    "val_accuracy": 0.875,
+    "val_accuracy_ci_low": 0.7321,
+    "val_accuracy_ci_high": 0.9456,
+    "gap/total": 0.125,
+    "gap/lag": 0.03,
+    "gap/batchnorm": 0.0,
+    "gap/dropout": 0.06,
+    "gap/augmentation": -0.075,  # largest by size, though negative
+    "gap/split": 0.11,
+    "train_mode_accuracy": 0.7,  # one of the many metrics that stay out of the line
+}
+
+
+def test_epoch_line_holds_the_few_numbers_a_person_reads():
+    line = epoch_line(1, 2, 5, LOGS)
+    assert line == (
+        "phase 1  epoch  3/5  loss 0.512  accuracy 0.750  val_accuracy 0.875 [0.73, 0.95]  "
+        "gap +12.5 pts (largest: split +11.0)"
+    )
+    assert "\n" not in line and "train_mode" not in line
+
+
+def test_epoch_line_names_the_largest_component_by_size_whatever_its_sign():
+    logs = {**LOGS, "gap/augmentation": -0.2}
+    assert epoch_line(2, 7, 10, logs).endswith("(largest: augmentation -20.0)")
+
+
+def test_epoch_line_without_gap_measurement_leaves_the_gap_out():
+    logs = {"loss": 0.2, "accuracy": 0.9, "val_accuracy": 0.8}
+    assert epoch_line(2, 5, 10, logs) == "phase 2  epoch  6/10  loss 0.200  accuracy 0.900  val_accuracy 0.800"
+
+
+def test_where_to_look_for_a_local_store_gives_the_ui_command_and_the_run_url():
+    text = where_to_look("sqlite:////abs/path/mlruns/mlflow.db", "3", "abc123")
+    assert text.splitlines() == [
+        "MLflow run abc123",
+        "  see it:  mlflow ui --backend-store-uri sqlite:////abs/path/mlruns/mlflow.db",
+        "  then open http://127.0.0.1:5000/#/experiments/3/runs/abc123",
+    ]
+
+
+def test_where_to_look_for_a_server_links_the_server_and_hides_passwords():
+    assert where_to_look("http://127.0.0.1:5005/", "1", "r", "sweep").splitlines() == [
+        "MLflow sweep r",
+        "  open http://127.0.0.1:5005/#/experiments/1/runs/r",
+    ]
+    text = where_to_look("postgresql://me:secret@127.0.0.1:5432/db", "1", "r")
+    assert "secret" not in text and "postgresql://me:***@127.0.0.1:5432/db" in text
+
+
+def test_start_up_filter_drops_the_chatter_and_keeps_real_messages(tmp_path):
+    """C++ code writes to file descriptor 2 directly; the filter must work at that level."""
+    script = (
+        "import os, sys\n"
+        "from finetune_ablation.console import _filtered_stderr\n"
+        "with _filtered_stderr():\n"
+        "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written\\n')\n"
+        "    os.write(2, b'I0000 00:00:1.0 1 cudart_stub.cc:31] Could not find cuda drivers on your machine\\n')\n"
+        "    os.write(2, b'E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: INTERNAL\\n')\n"
+        "    os.write(2, b'W0000 a warning that matters\\n')\n"
+        "    print('python warning', file=sys.stderr)\n"
+        "os.write(2, b'after\\n')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["W0000 a warning that matters", "python warning", "after"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_run_prints_short_epochs_no_chatter_and_a_ui_command_that_opens_the_run(image_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_ablate(*FAST, f"data.dir={image_dir}", f"tracking.uri={uri}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for chatter in ("cudart_stub", "cuInit", "absl::InitializeLog"):
+        assert chatter not in output
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("phase ")]
+    assert [line.split()[:4] for line in epochs] == [
+        ["phase", "1", "epoch", "1/2"],
+        ["phase", "1", "epoch", "2/2"],
+        ["phase", "2", "epoch", "3/4"],
+        ["phase", "2", "epoch", "4/4"],
+    ]
+    assert all(len(line) < 130 and "gap " in line and "largest: " in line for line in epochs)
+
+    (run,) = runs(uri)
+    experiment = mlflow.MlflowClient(uri).get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    tail = result.stdout.strip().splitlines()[-3:]
+    assert tail[0] == f"MLflow run {run.info.run_id}"
+    command = tail[1].split("see it:", 1)[1].strip()
+    assert command == f"mlflow ui --backend-store-uri {uri}"
+    url = tail[2].split("then open", 1)[1].strip()
+    assert url == f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+    # The printed command really serves this run (on a free port instead of 5000).
+    port = _free_port()
+    mlflow_exe = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow_exe), *command.split()[1:], "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the server and its workers stop together
+    )
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}"
+        body = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(api, timeout=5) as response:
+                    body = response.read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert body is not None and run.info.run_id in body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
