@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
+from PIL import Image
 
 from finetune_ablation.cli import run_job
 
 from .conftest import artifact_path, history, make_cfg, runs
+from .test_measurement import independent_passes, read_split
 
 pytestmark = pytest.mark.slow
 
+LOG_MODEL = "tracking.log_model=true"  # FAST turns it off; the default run here is the one loaded back
 EPOCHS = [0, 1, 2, 3]  # 2 + 2 epochs, numbered continuously across the phases
 
 
@@ -24,7 +26,7 @@ def store(tmp_path_factory, image_dir):
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
     ids = {}
     for name, overrides in {
-        "default": [],
+        "default": [LOG_MODEL],
         "repeat": [],
         "diagnostics_off": ["diagnostics=off"],
         "frozen_bn_no_aug_no_dropout": ["model.freeze_bn=true", "augment=none", "model.dropout=0"],
@@ -129,17 +131,62 @@ def test_measuring_the_gap_does_not_change_training(store):
     assert "gap/total" not in off.data.metrics
 
 
-def test_gap_components_sum_to_total_every_epoch(store):
+def test_logged_model_reproduces_the_last_epoch(store, image_dir):
+    """The model logged with MLflow's Keras flavor, loaded back from runs:/<id>/model and run on both
+    splits as Keras's own loader splits the folder, gives the last epoch's val and train_clean numbers,
+    and so the ends of the decomposition: gap/split and gap/total (against Keras's training accuracy)."""
+    from finetune_ablation.model import Preprocess
+
     uri, ids = store
-    for prefix in ("gap", "gap_loss"):
-        total = dict(history(uri, ids["default"], f"{prefix}/total"))
-        assert sorted(total) == EPOCHS
-        parts = [
-            dict(history(uri, ids["default"], f"{prefix}/{c}"))
-            for c in ("lag", "batchnorm", "dropout", "augmentation", "split")
-        ]
-        for epoch in EPOCHS:
-            assert math.isclose(sum(p[epoch] for p in parts), total[epoch], abs_tol=1e-9)
+    run = _run(store, "default")
+    assert run.data.tags["model.uri"] == f"runs:/{ids['default']}/model"
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.keras.load_model(run.data.tags["model.uri"])
+    assert isinstance(model.get_layer("preprocess"), Preprocess)  # the custom layer survived save/load
+    assert model.get_layer("preprocess").module == "mobilenet_v2"
+    clean, val = independent_passes(model, *read_split(image_dir, 32))
+    m = run.data.metrics
+    clean.compare(m["train_clean_accuracy"], m["train_clean_loss"], "train_clean")
+    val.compare(m["val_accuracy"], m["val_loss"], "val")
+    (ca, cl, ctol, cflip, cn), (va, vl, vtol, vflip, vn) = clean.result(), val.result()
+    assert abs(m["gap/split"] - (va - ca)) <= vflip / vn + cflip / cn
+    assert abs(m["gap_loss/split"] - (vl - cl)) <= vtol + ctol  # a difference keeps both terms' errors
+    assert abs(m["gap/total"] - (va - m["accuracy"])) <= vflip / vn
+    assert abs(m["gap_loss/total"] - (vl - m["loss"])) <= vtol
+
+
+def test_chance_is_flagged_first_when_validation_cannot_beat_the_majority(store, image_dir):
+    """8 validation images: the Wilson interval of any accuracy near 0.5 holds the majority rate."""
+    uri, ids = store
+    run = _run(store, "default")
+    labels = read_split(image_dir, 32)[1][1]
+    majority = max(np.mean(labels == 0), np.mean(labels == 1))
+    assert run.data.metrics["val_majority_rate"] == pytest.approx(majority, abs=1e-12)
+    assert run.data.tags["gap.at_chance"] == "true"
+    assert artifact_path(uri, ids["default"], "gap_summary.txt").read_text().startswith("AT CHANCE: ")
+
+
+def _colour_folder(root, per_class: int) -> None:
+    """Red versus blue noisy squares: separable by mean colour, so even a random base learns them."""
+    rng = np.random.default_rng(0)
+    for name, channel in (("blue", 2), ("red", 0)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.normal(50, 10, size=(32, 32, 3))
+            pixels[..., channel] += 150
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+
+
+def test_a_clearly_learned_model_is_not_flagged(tmp_path, tracking_uri):
+    _colour_folder(tmp_path / "colours", per_class=40)
+    cfg = make_cfg(tmp_path / "colours", tracking_uri, "train.base_lr=1e-2", "diagnostics=final")
+    assert run_job(cfg) is not None
+    (run,) = runs(tracking_uri)
+    n = int(run.data.params["data.count.val.total"])
+    assert n == 16 and run.data.metrics["val_accuracy"] >= 15 / 16  # Wilson low of 15/16 is 0.72
+    assert run.data.tags["gap.at_chance"] == "false"
+    text = artifact_path(tracking_uri, run.info.run_id, "gap_summary.txt").read_text()
+    assert text.startswith("phase 1, epoch 1: ") and "AT CHANCE" not in text
 
 
 def test_gap_components_are_exactly_zero_where_the_effect_is_absent(store):
@@ -173,34 +220,33 @@ def test_gap_summary_names_components_per_phase(store):
     uri, ids = store
     path = artifact_path(uri, ids["default"], "gap_summary.txt")
     text = path.read_text()
-    assert text.startswith("phase 1, epoch 1: ")
+    assert text.startswith("AT CHANCE: ")  # 8 validation images (see the chance test)
+    assert "\nphase 1, epoch 1: " in text
     assert "phase 2, epoch 3: " in text
     for component in ("lag", "batchnorm", "dropout", "augmentation", "split"):
         assert component in text
 
 
-def test_resolved_config_artifact_round_trips(store):
+def test_resolved_config_artifact_round_trips(store, image_dir):
     uri, ids = store
     path = artifact_path(uri, ids["default"], "config.yaml")
-    from omegaconf import OmegaConf
-
     logged = OmegaConf.load(path)
-    assert logged.model.fine_tune_at == 100
-    assert json.dumps(OmegaConf.to_container(logged.train), sort_keys=True)
+    composed = make_cfg(image_dir, uri, "tracking.run_name=default", LOG_MODEL)
+    assert OmegaConf.to_container(logged) == OmegaConf.to_container(composed, resolve=True)
 
 
 def test_more_than_two_classes_train_a_softmax_head(tmp_path, tracking_uri):
     from finetune_ablation.demo_data import write_image_folder
 
     write_image_folder(tmp_path / "three", 32, per_class=12, seed=1, classes=("alpaca", "llama", "vicuna"))
-    cfg = make_cfg(tmp_path / "three", tracking_uri, "train.initial_epochs=1", "train.fine_tune_epochs=1")
+    cfg = make_cfg(tmp_path / "three", tracking_uri, "train.initial_epochs=1", "train.fine_tune_epochs=1", LOG_MODEL)
     assert run_job(cfg) is not None
     (run,) = runs(tracking_uri)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.class_names"] == "alpaca,llama,vicuna"
     assert run.data.metrics["phase1/trainable_params_head"] == 1280 * 3 + 3
-    assert math.isclose(
-        sum(run.data.metrics[f"gap/{c}"] for c in ("lag", "batchnorm", "dropout", "augmentation", "split")),
-        run.data.metrics["gap/total"],
-        abs_tol=1e-9,
-    )
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.keras.load_model(run.data.tags["model.uri"])
+    clean, val = independent_passes(model, *read_split(tmp_path / "three", 32))
+    clean.compare(run.data.metrics["train_clean_accuracy"], run.data.metrics["train_clean_loss"], "train_clean")
+    val.compare(run.data.metrics["val_accuracy"], run.data.metrics["val_loss"], "val")

@@ -36,29 +36,30 @@ MOMENTUM = 0.9
 RELATIVE = 1e-4
 
 
-def _read_split(image_dir: Path, size: int):
+def read_split(image_dir: Path, size: int, seed: int = SPLIT_SEED, validation_split: float = 0.2):
     """Both splits as Keras splits the folder, read file by file: (images, labels) in the file order."""
     train, val = keras.utils.image_dataset_from_directory(
-        str(image_dir), validation_split=0.2, subset="both", seed=SPLIT_SEED, batch_size=None,
-        image_size=(size, size), verbose=False,
+        str(image_dir),
+        validation_split=validation_split,
+        subset="both",
+        seed=seed,
+        batch_size=None,
+        image_size=(size, size),
+        verbose=False,
     )
     classes = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
 
     def read(paths):
-        images = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size))) for p in paths])
-        labels = np.array([classes.index(Path(p).parent.name) for p in paths], dtype=np.float32)
-        return images.astype(np.float32), labels
+        images = [keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size))) for p in paths]
+        labels = np.array([classes.index(Path(p).parent.name) for p in paths])
+        return np.stack(images).astype(np.float32), labels
 
     return read(train.file_paths), read(val.file_paths)
 
 
-def _bce(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    return np.maximum(z, 0) - z * labels + np.log1p(np.exp(-np.abs(z)))
-
-
-class _Pass:
-    """Logits of one condition over a split, with the size of the terms each logit sums."""
+class Pass:
+    """Logits of one condition over a split, computed in float64 from the pooled features and the
+    logits layer's weights, with the size of the terms each logit sums (its float32 error scale)."""
 
     def __init__(self):
         self.logits, self.scale, self.labels = [], [], []
@@ -66,18 +67,50 @@ class _Pass:
     def add(self, features, head: keras.layers.Dense, labels) -> None:
         kernel, bias = (np.asarray(w, dtype=np.float64) for w in head.get_weights())
         f = np.asarray(features, dtype=np.float64)
-        self.logits.append((f @ kernel + bias)[:, 0])
-        self.scale.append(np.abs(f) @ np.abs(kernel)[:, 0] + abs(bias[0]))
-        self.labels.append(labels)
+        self.logits.append(f @ kernel + bias)
+        self.scale.append((np.abs(f) @ np.abs(kernel) + np.abs(bias)).max(axis=1))
+        self.labels.append(np.asarray(labels))
+
+    def result(self) -> tuple[float, float, float, int, int]:
+        """Accuracy, mean loss, the loss's error bound, the number of images whose predicted class a
+        rounding error could flip, and the number of images."""
+        z, s, y = (np.concatenate(v) for v in (self.logits, self.scale, self.labels))
+        tolerance = RELATIVE * s  # per-image error bound of every logit
+        if z.shape[1] == 1:  # one logit: sigmoid; |d loss / d logit| <= 1
+            z = z[:, 0]
+            losses = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+            correct, margin, slope = (z > 0) == (y > 0.5), np.abs(z), 1.0
+        else:  # softmax; the loss moves at most 2x the largest logit error, a margin 2x as well
+            top = np.max(z, axis=1, keepdims=True)
+            losses = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0] - z[np.arange(len(y)), y.astype(int)]
+            ordered = np.sort(z, axis=1)
+            correct, margin, slope = np.argmax(z, axis=1) == y, (ordered[:, -1] - ordered[:, -2]) / 2, 2.0
+        borderline = int(np.sum(margin <= tolerance))
+        return float(correct.mean()), float(losses.mean()), slope * float(tolerance.mean()), borderline, len(y)
 
     def compare(self, measured_accuracy: float, measured_loss: float, name: str) -> None:
-        z, s, y = (np.concatenate(v) for v in (self.logits, self.scale, self.labels))
-        tolerance = RELATIVE * s  # per-image logit error bound
-        # |d loss / d logit| <= 1 for the logistic loss: a logit error passes to the loss at most 1:1
-        assert abs(measured_loss - _bce(z, y).mean()) <= tolerance.mean(), name
-        correct = int(np.sum((z > 0) == (y > 0.5)))
-        borderline = int(np.sum(np.abs(z) <= tolerance))  # images whose class a rounding could flip
-        assert abs(round(measured_accuracy * len(y)) - correct) <= borderline, (name, measured_accuracy, correct)
+        accuracy, loss, loss_tolerance, borderline, count = self.result()
+        assert abs(measured_loss - loss) <= loss_tolerance, (name, measured_loss, loss, loss_tolerance)
+        assert abs(round(measured_accuracy * count) - round(accuracy * count)) <= borderline, (
+            name,
+            measured_accuracy,
+            accuracy,
+        )
+
+
+def independent_passes(model: keras.Model, train, val, batch: int = 8) -> tuple[Pass, Pass]:
+    """train_clean and val of ``model`` (inference mode), batch by batch over the splits."""
+    pre, pool, head = (model.get_layer(n) for n in ("preprocess", "pool", "logits"))
+    aug = model.get_layer("augmentation")
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer is not aug)
+    out = []
+    for images, labels in (train, val):
+        p = Pass()
+        for start in range(0, len(labels), batch):
+            x = images[start : start + batch]
+            p.add(pool(base(pre(x), training=False)), head, labels[start : start + batch])
+        out.append(p)
+    return out[0], out[1]
 
 
 class IndependentCheck(keras.callbacks.Callback):
@@ -112,7 +145,7 @@ class IndependentCheck(keras.callbacks.Callback):
             state.assign(np.array([SEED * 1_000_003 + epoch, i], dtype=state.dtype))
         drop_seeds = [v for v in drop.variables if "seed" in v.path]
         bn_stats = [v for bn in self._bns() for v in (bn.moving_mean, bn.moving_variance)]
-        passes = {name: _Pass() for name in ("train_mode", "no_batchnorm", "no_dropout", "train_clean", "val")}
+        passes = {name: Pass() for name in ("train_mode", "no_batchnorm", "no_dropout", "train_clean", "val")}
         images, labels = self.train
         for start in range(0, len(labels), BATCH):
             x, y = images[start : start + BATCH], labels[start : start + BATCH]
@@ -130,10 +163,7 @@ class IndependentCheck(keras.callbacks.Callback):
             passes["no_batchnorm"].add(drop(f_moving, training=True), head, y)
             passes["no_dropout"].add(f_moving, head, y)
             passes["train_clean"].add(pool(base(pre(x), training=False)), head, y)
-        val_images, val_labels = self.val
-        for start in range(0, len(val_labels), BATCH):
-            x = val_images[start : start + BATCH]
-            passes["val"].add(pool(base(pre(x), training=False)), head, val_labels[start : start + BATCH])
+        passes["val"] = independent_passes(model, self.val, self.val, BATCH)[1]
         for name in ("train_mode", "no_batchnorm", "no_dropout", "train_clean"):
             passes[name].compare(logs[f"{name}_accuracy"], logs[f"{name}_loss"], name)
         passes["val"].compare(logs["val_accuracy"], logs["val_loss"], "val")
@@ -149,7 +179,7 @@ class IndependentCheck(keras.callbacks.Callback):
 def test_measured_conditions_equal_independent_passes_with_trainable_batchnorm(image_dir, tracking_uri):
     cfg = make_cfg(image_dir, tracking_uri, "model.freeze_bn=false", "augment=standard", "diagnostics=full")
     assert cfg.model.fine_tune_at == 100 and cfg.data.batch_size == BATCH and cfg.seed == SEED
-    check = IndependentCheck(*_read_split(image_dir, cfg.data.image_size))
+    check = IndependentCheck(*read_split(image_dir, cfg.data.image_size))
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run():
         train_and_log(cfg, extra_callbacks=[check])

@@ -65,6 +65,24 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
+def majority_rate(labels: list[str]) -> float:
+    """Share of the most common class: the accuracy of always guessing it."""
+    return max(labels.count(name) for name in set(labels)) / len(labels)
+
+
+def chance_warning(val_accuracy: float, val_count: int, majority: float) -> str | None:
+    """A warning when the validation accuracy's 95% Wilson interval contains the majority-class rate:
+    such a model is not distinguishable from guessing the larger class, so its gap components are noise."""
+    low, high = wilson_interval(round(val_accuracy * val_count), val_count)
+    if not low <= majority <= high:
+        return None
+    return (
+        f"AT CHANCE: val_accuracy {val_accuracy:.3f} (95% interval {low:.3f}-{high:.3f}, {val_count} images) "
+        f"is not distinguishable from the majority-class rate {majority:.3f}. The model explains nothing "
+        "yet, and the gap components below are noise."
+    )
+
+
 @dataclass
 class _Totals:
     correct: int = 0
@@ -239,16 +257,18 @@ def gap_sentence(row: dict[str, float]) -> str:
     return f"{lead}: {listed}"
 
 
-def gap_summary(rows: list[dict]) -> str:
-    """The sentence for the last measured epoch of each phase (``gap_summary.txt``)."""
-    lines = []
+def gap_summary(rows: list[dict], warning: str | None = None) -> str:
+    """The sentence for the last measured epoch of each phase (``gap_summary.txt``), after the
+    at-chance ``warning`` if there is one."""
+    lines = [warning, ""] if warning else []
     for phase in sorted({r["phase"] for r in rows}):
         measured = [r for r in rows if r["phase"] == phase and "gap/total" in r]
         if measured:
             last = measured[-1]
             lines.append(f"phase {phase}, epoch {last['epoch']}: {gap_sentence(last)}")
-    if not lines:
-        return "no gap measurement (diagnostics.level=off)\n"
+    if not any(line.startswith("phase ") for line in lines):
+        lines.append("no gap measurement (diagnostics.level=off)")
+        return "\n".join(lines) + "\n"
     lines.append("")
     lines.append(
         "lag = epoch-averaged train metric vs end-of-epoch weights; batchnorm = batch vs moving statistics; "
