@@ -9,8 +9,6 @@ from finetune_ablation.cli import run_job
 
 from .conftest import FAST, history, make_cfg, run_ablate, runs
 
-pytestmark = pytest.mark.slow
-
 KERAS_AND_GAP = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "gap/total", "gap/batchnorm")
 
 
@@ -20,6 +18,7 @@ def _run(image_dir, uri, cache_dir, *overrides):
     return runs(uri)[-1]
 
 
+@pytest.mark.slow
 def test_cached_phase1_gives_bit_identical_runs(image_dir, tracking_uri, tmp_path):
     cache = tmp_path / "cache"
     plain = _run(image_dir, tracking_uri, None)
@@ -35,6 +34,7 @@ def test_cached_phase1_gives_bit_identical_runs(image_dir, tracking_uri, tmp_pat
     assert "trainable_weights_phase1.txt" in artifacts
 
 
+@pytest.mark.slow
 def test_phase2_settings_share_the_entry_and_phase1_settings_do_not(image_dir, tracking_uri, tmp_path):
     cache = tmp_path / "cache"
     first = _run(image_dir, tracking_uri, cache, "model.fine_tune_at=100")
@@ -50,6 +50,7 @@ def test_phase2_settings_share_the_entry_and_phase1_settings_do_not(image_dir, t
     assert other.data.tags["phase1_cache_key"] != first.data.tags["phase1_cache_key"]
 
 
+@pytest.mark.slow
 def test_parallel_jobs_compute_an_entry_once(image_dir, tmp_path):
     """Two joblib workers, two depths, one phase 1: the lock makes one job wait and then hit."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -116,6 +117,7 @@ def _same_within_float_tolerance(uri: str, a, b) -> None:
             assert abs(value - right[key][step]) <= tolerance, (key, step, value, right[key][step], tolerance)
 
 
+@pytest.mark.slow
 def test_feature_cache_equals_running_the_frozen_base_every_epoch(image_dir, tracking_uri):
     """augment=none: phase 1 trains the head on features computed once; every metric (phase 2 and the
     gap measurement included) equals the uncached run to float tolerance."""
@@ -127,6 +129,7 @@ def test_feature_cache_equals_running_the_frozen_base_every_epoch(image_dir, tra
     assert "timing.phase1_seconds" in cached.data.tags and "timing.phase2_seconds" in cached.data.tags
 
 
+@pytest.mark.slow
 def test_feature_cache_is_not_used_when_features_change_every_epoch(image_dir, tracking_uri):
     augmented = _run(image_dir, tracking_uri, None, "augment=standard")
     assert augmented.data.tags["feature_cache"].startswith("not used: augmentation")

@@ -15,8 +15,6 @@ from finetune_ablation.diagnostics import wilson_interval
 from .conftest import artifact_path, history, make_cfg, runs
 from .test_measurement import independent_passes, read_split
 
-pytestmark = pytest.mark.slow
-
 LOG_MODEL = "tracking.log_model=true"  # FAST turns it off; the default run here is the one loaded back
 EPOCHS = [0, 1, 2, 3]  # 2 + 2 epochs, numbered continuously across the phases
 
@@ -43,6 +41,7 @@ def _run(store, name):
     return mlflow.MlflowClient(uri).get_run(ids[name])
 
 
+@pytest.mark.slow
 def test_run_finishes_with_whole_config_as_params(store):
     run = _run(store, "default")
     assert run.info.status == "FINISHED"
@@ -57,6 +56,7 @@ def test_run_finishes_with_whole_config_as_params(store):
     assert int(params["data.count.train.total"]) + int(params["data.count.val.total"]) == 40
 
 
+@pytest.mark.slow
 def test_per_epoch_metrics_of_both_phases_continue_steps(store):
     uri, ids = store
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
@@ -66,6 +66,7 @@ def test_per_epoch_metrics_of_both_phases_continue_steps(store):
     assert lrs[:2] == pytest.approx([1e-3, 1e-3]) and lrs[2:] == pytest.approx([1e-4, 1e-4])
 
 
+@pytest.mark.slow
 def test_phase_metrics_answer_the_freezing_questions(store):
     metrics = _run(store, "default").data.metrics
     assert metrics["phase1/trainable_params_base"] == 0
@@ -81,6 +82,7 @@ def test_phase_metrics_answer_the_freezing_questions(store):
     assert frozen["phase2/trainable_params_base"] < metrics["phase2/trainable_params_base"]
 
 
+@pytest.mark.slow
 def test_tags_identify_code_data_and_config(store):
     tags = _run(store, "default").data.tags
     for key in ("git.commit", "git.dirty", "config_hash", "data.fingerprint", "model.weights_sha256"):
@@ -91,6 +93,7 @@ def test_tags_identify_code_data_and_config(store):
     assert tags["data.cross_split_duplicates"] == "0"
 
 
+@pytest.mark.slow
 def test_artifacts_are_logged(store):
     uri, ids = store
     client = mlflow.MlflowClient(uri)
@@ -111,6 +114,7 @@ def test_artifacts_are_logged(store):
     assert frame["val_accuracy"].iloc[-1] == _run(store, "default").data.metrics["val_accuracy"]
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(store):
     uri, ids = store
     client = mlflow.MlflowClient(uri)
@@ -121,6 +125,7 @@ def test_same_config_and_seed_give_identical_metrics(store):
         assert history(uri, ids["default"], key) == history(uri, ids["repeat"], key), key
 
 
+@pytest.mark.slow
 def test_measuring_the_gap_does_not_change_training(store):
     """Diagnostics save and restore everything they touch: bit-identical weights and Keras metrics."""
     uri, ids = store
@@ -132,6 +137,7 @@ def test_measuring_the_gap_does_not_change_training(store):
     assert "gap/total" not in off.data.metrics
 
 
+@pytest.mark.slow
 def test_logged_model_reproduces_the_last_epoch(store, image_dir):
     """The model logged with MLflow's Keras flavor, loaded back from runs:/<id>/model and run on both
     splits as Keras's own loader splits the folder, gives the last epoch's val and train_clean numbers,
@@ -156,6 +162,7 @@ def test_logged_model_reproduces_the_last_epoch(store, image_dir):
     assert abs(m["gap_loss/total"] - (vl - m["loss"])) <= vtol
 
 
+@pytest.mark.slow
 def test_chance_is_flagged_first_when_validation_cannot_beat_the_majority(store, image_dir):
     """8 validation images: the Wilson interval of any accuracy near 0.5 holds the majority rate."""
     uri, ids = store
@@ -178,6 +185,7 @@ def _colour_folder(root, per_class: int) -> None:
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
 
 
+@pytest.mark.slow
 def test_a_clearly_learned_model_is_not_flagged(tmp_path, tracking_uri):
     _colour_folder(tmp_path / "colours", per_class=100)
     cfg = make_cfg(
@@ -201,6 +209,7 @@ def test_a_clearly_learned_model_is_not_flagged(tmp_path, tracking_uri):
     assert text.startswith("phase 1, epoch 3: ") and "AT CHANCE" not in text
 
 
+@pytest.mark.slow
 def test_gap_components_are_exactly_zero_where_the_effect_is_absent(store):
     uri, ids = store
     # phase 1: the base is frozen, so BatchNorm runs on moving statistics in training mode too
@@ -212,6 +221,7 @@ def test_gap_components_are_exactly_zero_where_the_effect_is_absent(store):
     assert [v for _, v in history(uri, ids["frozen_bn_no_aug_no_dropout"], "gap_loss/dropout")] == [0.0] * 4
 
 
+@pytest.mark.slow
 def test_gap_effects_present_when_switched_on(store):
     """With dropout, augmentation and unfrozen BN on, their components are not all zero."""
     uri, ids = store
@@ -220,6 +230,7 @@ def test_gap_effects_present_when_switched_on(store):
     assert any(v != 0.0 for _, v in history(uri, ids["default"], "gap_loss/batchnorm")[2:])
 
 
+@pytest.mark.slow
 def test_wilson_intervals_bracket_the_accuracies(store):
     metrics = _run(store, "default").data.metrics
     assert metrics["val_accuracy_ci_low"] <= metrics["val_accuracy"] <= metrics["val_accuracy_ci_high"]
@@ -228,6 +239,7 @@ def test_wilson_intervals_bracket_the_accuracies(store):
     assert high - low > 0.2  # 32 images: the interval is wide, and the suite says so
 
 
+@pytest.mark.slow
 def test_gap_summary_names_components_per_phase(store):
     uri, ids = store
     path = artifact_path(uri, ids["default"], "gap_summary.txt")
@@ -239,6 +251,7 @@ def test_gap_summary_names_components_per_phase(store):
         assert component in text
 
 
+@pytest.mark.slow
 def test_resolved_config_artifact_round_trips(store, image_dir):
     uri, ids = store
     path = artifact_path(uri, ids["default"], "config.yaml")
@@ -247,6 +260,7 @@ def test_resolved_config_artifact_round_trips(store, image_dir):
     assert OmegaConf.to_container(logged) == OmegaConf.to_container(composed, resolve=True)
 
 
+@pytest.mark.slow
 def test_more_than_two_classes_train_a_softmax_head(tmp_path, tracking_uri):
     from finetune_ablation.demo_data import write_image_folder
 
