@@ -33,6 +33,7 @@ FAST = [
     "train.fine_tune_epochs=2",
     "train.verbose=0",
     "cache.phase1=false",  # the phase-1 cache has its own tests (test_cache.py)
+    "tracking.log_model=false",  # saving the model costs seconds; test_core_run's logged-model test turns it on
 ]
 
 

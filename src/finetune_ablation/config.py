@@ -67,6 +67,8 @@ class TrackingConfig:
     uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite under the project's mlruns/
     experiment: str = "finetune-ablation"
     run_name: str | None = None
+    # Log the final model (MLflow Keras flavor, runs:/<id>/model); false saves time and space in big studies.
+    log_model: bool = True
 
 
 class DiagnosticsLevel(str, Enum):

@@ -12,9 +12,13 @@ weights, removing one training-time effect at a time:
     val_accuracy            Keras's validation number
 
 Consecutive differences are the gap components; they sum exactly to ``val - train``. The same
-is done for the loss. Measuring changes nothing: every model variable (weights, BN moving statistics,
-random-seed states) is restored afterwards, augmentation and dropout use a fixed seed per epoch, and
-the training split is read through its own unshuffled pipeline."""
+is done for the loss. Every pass reads the end-of-epoch BN moving statistics (the training-mode pass
+runs with momentum 1, so it assigns them their own value), and the train_mode and no_batchnorm passes
+draw the same dropout and stochastic-depth masks, so ``gap/batchnorm`` is BatchNorm alone.
+Measuring changes nothing: every model variable (weights, BN moving statistics, random-seed states) is
+restored afterwards, augmentation and dropout use a fixed seed per epoch (seed state ``i`` of the
+augmentation and head-dropout layers starts at ``(seed * 1_000_003 + epoch, i)``), and the training
+split is read through its own unshuffled pipeline. See docs/gap-measurement.md."""
 
 from __future__ import annotations
 
@@ -43,22 +47,40 @@ COMPONENTS = {
 
 
 @contextlib.contextmanager
-def _batchnorm_on_moving_stats(bns: list[keras.layers.BatchNormalization]):
-    """A non-trainable BN always uses its moving statistics; flip the flag only while tracing."""
-    saved = [bn.trainable for bn in bns]
+def _while_tracing(bns: list[keras.layers.BatchNormalization], attribute: str, value):
+    """Set one BN attribute only while a measuring pass is traced: Keras reads it at trace time."""
+    saved = [getattr(bn, attribute) for bn in bns]
     for bn in bns:
-        bn.trainable = False
+        setattr(bn, attribute, value)
     try:
         yield
     finally:
-        for bn, flag in zip(bns, saved, strict=True):
-            bn.trainable = flag
+        for bn, old in zip(bns, saved, strict=True):
+            setattr(bn, attribute, old)
 
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion."""
     ci = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+def majority_rate(labels: list[str]) -> float:
+    """Share of the most common class: the accuracy of always guessing it."""
+    return max(labels.count(name) for name in set(labels)) / len(labels)
+
+
+def chance_warning(val_accuracy: float, val_count: int, majority: float) -> str | None:
+    """A warning when the validation accuracy's 95% Wilson interval contains the majority-class rate:
+    such a model is not distinguishable from guessing the larger class, so its gap components are noise."""
+    low, high = wilson_interval(round(val_accuracy * val_count), val_count)
+    if not low <= majority <= high:
+        return None
+    return (
+        f"AT CHANCE: val_accuracy {val_accuracy:.3f} (95% interval {low:.3f}-{high:.3f}, {val_count} images) "
+        f"is not distinguishable from the majority-class rate {majority:.3f}. The model explains nothing "
+        "yet, and the gap components below are noise."
+    )
 
 
 @dataclass
@@ -90,19 +112,30 @@ class GapMeter:
             v for layer in (clf.augmentation, clf.dropout) for v in layer.variables if "seed" in v.path
         ]
         self._dropout_seeds = [v for v in clf.dropout.variables if "seed" in v.path]
+        # e.g. EfficientNet's stochastic depth: the same masks in the train_mode and no_batchnorm passes
+        self._base_seeds = [v for v in clf.base.variables if "seed" in v.path]
         # one trace per function: the batch dimension is free (the last batch is smaller)
         size = clf.model.input_shape[1:]
         images = {"input_signature": [tf.TensorSpec((None, *size), tf.float32)]}
         pooled = {"input_signature": [tf.TensorSpec((None, *clf.pooled_shape), tf.float32)]}
         self._augment = tf.function(lambda x: clf.augmentation(x, training=True), **images)
-        self._features_train = tf.function(lambda x: clf.pooled_features(x, training=True), **images)
+        self._features_train = tf.function(self._trace_train, **images)
         self._features_infer = tf.function(lambda x: clf.pooled_features(x, training=False), **images)
         self._features_no_bn = tf.function(self._trace_no_bn, **images)
         self._head_dropout = tf.function(lambda f: clf.head(clf.dropout(f, training=True)), **pooled)
         self._head_infer = tf.function(lambda f: clf.head(f), **pooled)
 
+    def _trace_train(self, x):
+        """Batch statistics, but the moving ones stay as they are. A trainable BN called in training
+        mode assigns ``moving * momentum + batch * (1 - momentum)`` (also outside ``fit``); with momentum
+        1 that is the moving value itself, bit for bit, so every later pass of the loop (this batch's
+        and the next batches') reads the end-of-epoch statistics that validation reads."""
+        with _while_tracing(self.bns, "momentum", 1.0):
+            return self.clf.pooled_features(x, training=True)
+
     def _trace_no_bn(self, x):
-        with _batchnorm_on_moving_stats(self.bns):
+        """A non-trainable BN always uses its moving statistics; random layers stay in training mode."""
+        with _while_tracing(self.bns, "trainable", False):
             return self.clf.pooled_features(x, training=True)
 
     def _conditions(self):
@@ -114,8 +147,13 @@ class GapMeter:
                 yield y, x, x, x, x
                 continue
             augmented = self._augment(x) if self.augments else x
+            mask_state = copy_values(self._base_seeds)
             f_train = self._features_train(augmented)
-            f_no_bn = self._features_no_bn(augmented) if self.has_trainable_bn else f_train
+            if self.has_trainable_bn:
+                assign_values(self._base_seeds, mask_state)  # only BatchNorm differs between the two
+                f_no_bn = self._features_no_bn(augmented)
+            else:
+                f_no_bn = f_train
             f_no_drop = self._features_infer(augmented) if self.base_is_stochastic else f_no_bn
             if not self.augments:
                 f_clean = f_no_drop
@@ -219,16 +257,18 @@ def gap_sentence(row: dict[str, float]) -> str:
     return f"{lead}: {listed}"
 
 
-def gap_summary(rows: list[dict]) -> str:
-    """The sentence for the last measured epoch of each phase (``gap_summary.txt``)."""
-    lines = []
+def gap_summary(rows: list[dict], warning: str | None = None) -> str:
+    """The sentence for the last measured epoch of each phase (``gap_summary.txt``), after the
+    at-chance ``warning`` if there is one."""
+    lines = [warning, ""] if warning else []
     for phase in sorted({r["phase"] for r in rows}):
         measured = [r for r in rows if r["phase"] == phase and "gap/total" in r]
         if measured:
             last = measured[-1]
             lines.append(f"phase {phase}, epoch {last['epoch']}: {gap_sentence(last)}")
-    if not lines:
-        return "no gap measurement (diagnostics.level=off)\n"
+    if not any(line.startswith("phase ") for line in lines):
+        lines.append("no gap measurement (diagnostics.level=off)")
+        return "\n".join(lines) + "\n"
     lines.append("")
     lines.append(
         "lag = epoch-averaged train metric vs end-of-epoch weights; batchnorm = batch vs moving statistics; "

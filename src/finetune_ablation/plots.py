@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from textwrap import fill
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers and in CI
@@ -47,8 +49,9 @@ def learning_curves(history: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def gap_chart(history: pd.DataFrame) -> plt.Figure:
-    """Stacked bars of the gap components per epoch (positive up, negative down), total marked."""
+def gap_chart(history: pd.DataFrame, warning: str | None = None) -> plt.Figure:
+    """Stacked bars of the gap components per epoch (positive up, negative down), total marked; an
+    at-chance ``warning`` goes first, above the title, in red."""
     measured = history.dropna(subset=["gap/total", "gap/split"]) if "gap/split" in history else history.iloc[0:0]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(measured) + 3), 4.5))
     epochs = measured["epoch"].to_numpy()
@@ -73,7 +76,10 @@ def gap_chart(history: pd.DataFrame) -> plt.Figure:
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy points (validation - training)")
     ax.set_title("Why validation beats training: the gap, decomposed")
+    if warning:
+        ax.set_title("AT CHANCE: these components are noise\n" + ax.get_title(), color="tab:red")
+        fig.text(0.01, 0.01, fill(warning, 110), fontsize=7, color="tab:red", va="bottom")
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12 if warning else 0, 1, 1))
     return fig

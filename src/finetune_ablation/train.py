@@ -24,7 +24,7 @@ from .augment import build_augmentation
 from .cache import Phase1Cache, Phase1State, cache_dir, phase1_key
 from .config import DiagnosticsLevel
 from .data import Datasets, load_datasets
-from .diagnostics import GapDiagnostics, GapMeter, gap_summary
+from .diagnostics import GapDiagnostics, GapMeter, chance_warning, gap_summary, majority_rate
 from .epoch_logger import MlflowEpochLogger
 from .features import FrozenFeatures, extract_features, why_not_cacheable
 from .model import (
@@ -262,10 +262,35 @@ def train_and_log(cfg: DictConfig, extra_callbacks: list[keras.callbacks.Callbac
         path = Path(tmp) / "history.csv"
         history.to_csv(path, index=False)
         mlflow.log_artifact(str(path))
+    val_accuracy = float(history["val_accuracy"].iloc[-1])
+    warning = _log_chance(data, val_accuracy)
     _log_figure(learning_curves(history), "learning_curves.png")
     if "gap/total" in history:
-        _log_figure(gap_chart(history), "gap.png")
-    mlflow.log_text(gap_summary(rows), "gap_summary.txt")
+        _log_figure(gap_chart(history, warning), "gap.png")
+    mlflow.log_text(gap_summary(rows, warning), "gap_summary.txt")
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     mlflow.set_tag("model.weights_sha256", weights_digest(clf.model))
-    return float(history["val_accuracy"].iloc[-1])
+    if cfg.tracking.log_model:
+        _log_model(clf.model)
+    return val_accuracy
+
+
+def _log_chance(data: Datasets, val_accuracy: float) -> str | None:
+    """``val_majority_rate`` and the tag ``gap.at_chance``: is the final model distinguishable from
+    always guessing the larger class? Returns the warning that summary and chart must lead with."""
+    majority = majority_rate([f.class_name for f in data.val_files])
+    warning = chance_warning(val_accuracy, len(data.val_files), majority)
+    mlflow.log_metric("val_majority_rate", majority)
+    mlflow.set_tag("gap.at_chance", str(warning is not None).lower())
+    return warning
+
+
+def _log_model(model: keras.Model) -> None:
+    """The final model in MLflow's Keras flavor, loadable from ``runs:/<run id>/model`` (load it after
+    ``import finetune_ablation.model``, which registers the custom ``Preprocess`` layer). Requirements
+    are pinned from this environment: MLflow's inference would re-import the model in a subprocess."""
+    from importlib.metadata import version
+
+    pins = [f"{name}=={version(name)}" for name in ("tensorflow", "keras")]
+    mlflow.keras.log_model(model, name="model", pip_requirements=pins)
+    mlflow.set_tag("model.uri", f"runs:/{mlflow.active_run().info.run_id}/model")
