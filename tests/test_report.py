@@ -171,7 +171,7 @@ def test_failed_pruned_and_running_runs_are_counted_and_left_out(study):
     assert "**6 finished runs** are compared" in text
     assert "1 failed or killed, 1 pruned, 1 still running" in text
     assert "`model.dropout` (2 levels)" in text and "`model.bn_training` (2 levels)" in text
-    factors = pd.read_csv(study[3] / "factors.csv", dtype={"level": str})
+    factors = pd.read_csv(study[3] / "factors.csv", dtype={"level": str}, keep_default_na=False, na_values=[""])
     assert set(factors["factor"]) == {"model.dropout", "model.bn_training"}  # seeds are replicates
     dropout_levels = set(factors[factors["factor"] == "model.dropout"]["level"])
     assert sorted(dropout_levels) == list(DROPOUTS)  # neither 0.95 (failed) nor 0.9 (pruned/running)
@@ -206,7 +206,9 @@ def test_first_lines_give_the_replicate_design_and_the_identical_factor(study):
 
 @pytest.mark.slow
 def test_factor_table_counts_distinct_runs_and_equals_pandas_on_the_raw_runs(study, raw):
-    factors = pd.read_csv(study[3] / "factors.csv", dtype={"level": str}).set_index(["factor", "level", "metric"])
+    factors = pd.read_csv(
+        study[3] / "factors.csv", dtype={"level": str}, keep_default_na=False, na_values=[""]
+    ).set_index(["factor", "level", "metric"])
     checked = 0
     for factor, column in (("model.dropout", "dropout"), ("model.bn_training", "bn_training")):
         for level, at_level in raw.groupby(column):
