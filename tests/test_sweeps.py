@@ -35,6 +35,7 @@ def _sweep(tmp_path: Path, image_dir: Path, *grid: str, name: str = "sweep"):
         f"hydra.sweep.dir={encode_value(str(tmp_path / name))}",  # quoted: names may hold ' or "
         *grid,
         cwd=tmp_path,
+        timeout=1500,  # a 4-job sweep on a loaded 2-core machine
     )
     return uri, result
 
