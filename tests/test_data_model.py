@@ -138,7 +138,7 @@ def test_fingerprint_changes_with_content_not_with_scan_order(own_image_dir):
 
 
 def test_logit_accuracy_thresholds_at_zero():
-    """A logit of 0.3 is class 1 (p=0.57); Keras's default 'accuracy' would call it class 0 (FACTS)."""
+    """A logit of 0.3 is class 1 (p=0.57); Keras's default 'accuracy' would call it class 0 (docs/stack-facts.md K5)."""
     _, accuracy = loss_and_accuracy(binary=True)
     labels = np.array([[1.0], [0.0], [1.0], [0.0]])
     logits = np.array([[0.3], [-0.3], [2.0], [-0.2]])

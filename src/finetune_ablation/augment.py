@@ -1,5 +1,5 @@
 """The augmentation block (config group ``augment``). Keras's random layers act only in training mode,
-so ``evaluate``/``predict`` never augment (FACTS)."""
+so ``evaluate``/``predict`` never augment (docs/stack-facts.md K6)."""
 
 from __future__ import annotations
 

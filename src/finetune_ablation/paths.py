@@ -12,5 +12,5 @@ MLRUNS_DIR = PROJECT_ROOT / "mlruns"
 
 
 def default_tracking_uri() -> str:
-    """Absolute sqlite URI under the project's ``mlruns/`` (FACTS: MLflow's own default is cwd-relative)."""
+    """Absolute sqlite URI under the project's ``mlruns/`` (docs/stack-facts.md M1: MLflow's own default is cwd-relative)."""
     return f"sqlite:///{MLRUNS_DIR / 'mlflow.db'}"

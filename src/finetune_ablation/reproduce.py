@@ -7,7 +7,7 @@ and cross-checked against today's ``conf/`` with the run's Hydra overrides. A di
 the reproduction (the numbers could not be compared); a different git commit or package versions are
 warnings. The new run is tagged ``reproduced_from=RUN_ID`` and gets ``reproduce/max_abs_diff``; the
 exit code is 0 only when every metric of every epoch matches within ``--tolerance`` (default 0: the
-same machine and versions must give the same bits, FACTS)."""
+same machine and versions must give the same bits, docs/stack-facts.md T1)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Phase 1 trains the head on a frozen base. Phase 2 unfreezes the base from ``model.fine_tune_at`` and
 recompiles with a NEW optimizer at the lower rate: the outer model holds the very same base object, so
-the new trainable set is visible at once, but ``fit()`` only trains it after a recompile (FACTS)."""
+the new trainable set is visible at once, but ``fit()`` only trains it after a recompile (docs/stack-facts.md K3)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from .plots import gap_chart, learning_curves
 
 
 def seed_everything(seed: int) -> None:
-    """Fresh Keras state and one seed for Python, NumPy and TF; deterministic ops (FACTS: identical
+    """Fresh Keras state and one seed for Python, NumPy and TF; deterministic ops (docs/stack-facts.md T1: identical
     weights across processes on CPU). Also needed when a launcher reuses a worker process."""
     keras.backend.clear_session()
     random.seed(seed)
@@ -55,7 +55,7 @@ def seed_everything(seed: int) -> None:
 
 def loss_and_accuracy(binary: bool) -> tuple[keras.losses.Loss, keras.metrics.Metric]:
     """Loss and accuracy on logits. Binary accuracy thresholds logits at 0: the course's
-    ``metrics=["accuracy"]`` would threshold logits at 0.5 and count a logit of 0.3 as class 0 (FACTS)."""
+    ``metrics=["accuracy"]`` would threshold logits at 0.5 and count a logit of 0.3 as class 0 (docs/stack-facts.md K5)."""
     if binary:
         return (
             keras.losses.BinaryCrossentropy(from_logits=True),
