@@ -74,7 +74,8 @@ def test_phase_metrics_answer_the_freezing_questions(store):
     assert metrics["phase2/trainable_params_base"] > 0
     assert metrics["phase1/base_is_model_layer"] == 1.0
     # Keras 3: a frozen base never moves BN statistics; an unfrozen BN called with training=False
-    # still runs in training mode during fit() and moves them (docs/stack-facts.md K2). Asserted, so a Keras change shows.
+    # still runs in training mode during fit() and moves them (docs/stack-facts.md K2). Asserted, so a
+    # Keras change shows.
     assert metrics["phase1/bn_moving_stats_delta"] == 0.0
     assert metrics["phase2/bn_moving_stats_delta"] > 0.0
     frozen = _run(store, "frozen_bn_no_aug_no_dropout").data.metrics

@@ -252,7 +252,7 @@ def load_datasets(cfg: DataConfig) -> Datasets:
     if cfg.synthetic:
         from .demo_data import ensure_demo_dataset
 
-        ensure_demo_dataset(cfg.dir, cfg.synthetic_images_per_class, cfg.seed)
+        ensure_demo_dataset(cfg.dir, cfg.synthetic_images_per_class)
     class_names, files = scan_folder(cfg.dir)
     train_files, val_files = split_files(files, class_names, cfg.validation_split, cfg.seed)
 

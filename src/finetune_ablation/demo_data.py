@@ -123,8 +123,12 @@ def write_image_folder(
             draw_target(rng, label % 2, image_size).save(folder / f"{name}_{i:03d}.png")
 
 
-def ensure_demo_dataset(directory: str | None, per_class: int, seed: int) -> None:
-    """Generate the demo folder once per settings; later runs (and parallel jobs) reuse it."""
+IMAGES_SEED = 42  # the demo's images are one fixed data set: data.seed only chooses its split
+
+
+def ensure_demo_dataset(directory: str | None, per_class: int, seed: int = IMAGES_SEED) -> None:
+    """Generate the demo folder once per settings; later runs (and parallel jobs) reuse it. The images
+    do not follow ``data.seed``: jobs of a study that varies the split share one folder."""
     if not directory:
         raise UserError("data.synthetic=true needs data.dir: the folder to write the demo images into")
     root = Path(directory).expanduser()

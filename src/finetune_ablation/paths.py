@@ -12,5 +12,6 @@ MLRUNS_DIR = PROJECT_ROOT / "mlruns"
 
 
 def default_tracking_uri() -> str:
-    """Absolute sqlite URI under the project's ``mlruns/`` (docs/stack-facts.md M1: MLflow's own default is cwd-relative)."""
+    """Absolute sqlite URI under the project's ``mlruns/`` (MLflow's own default is relative to the working
+    directory: docs/stack-facts.md M1)."""
     return f"sqlite:///{MLRUNS_DIR / 'mlflow.db'}"

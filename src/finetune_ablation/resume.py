@@ -77,7 +77,7 @@ def data_fingerprint(cfg: DictConfig) -> str | None:
         if cfg.data.synthetic:
             from .demo_data import ensure_demo_dataset
 
-            ensure_demo_dataset(cfg.data.dir, cfg.data.synthetic_images_per_class, cfg.data.seed)
+            ensure_demo_dataset(cfg.data.dir, cfg.data.synthetic_images_per_class)
         return fingerprint(scan_folder(cfg.data.dir)[1])
     except UserError:
         return None

@@ -55,7 +55,8 @@ def seed_everything(seed: int) -> None:
 
 def loss_and_accuracy(binary: bool) -> tuple[keras.losses.Loss, keras.metrics.Metric]:
     """Loss and accuracy on logits. Binary accuracy thresholds logits at 0: the course's
-    ``metrics=["accuracy"]`` would threshold logits at 0.5 and count a logit of 0.3 as class 0 (docs/stack-facts.md K5)."""
+    ``metrics=["accuracy"]`` would threshold logits at 0.5 and count a logit of 0.3 as class 0
+    (docs/stack-facts.md K5)."""
     if binary:
         return (
             keras.losses.BinaryCrossentropy(from_logits=True),
