@@ -71,14 +71,15 @@ def majority_rate(labels: list[str]) -> float:
 
 
 def chance_warning(val_accuracy: float, val_count: int, majority: float) -> str | None:
-    """A warning when the validation accuracy's 95% Wilson interval contains the majority-class rate:
-    such a model is not distinguishable from guessing the larger class, so its gap components are noise."""
+    """A warning when the validation accuracy's 95% Wilson interval reaches down to the majority-class
+    rate: such a model is not distinguishably better than guessing the larger class (or is worse), so its
+    gap components are noise. The study report applies the same rule (report_design.run_at_chance)."""
     low, high = wilson_interval(round(val_accuracy * val_count), val_count)
-    if not low <= majority <= high:
+    if low > majority:
         return None
     return (
         f"AT CHANCE: val_accuracy {val_accuracy:.3f} (95% interval {low:.3f}-{high:.3f}, {val_count} images) "
-        f"is not distinguishable from the majority-class rate {majority:.3f}. The model explains nothing "
+        f"is not distinguishably above the majority-class rate {majority:.3f}. The model explains nothing "
         "yet, and the gap components below are noise."
     )
 
