@@ -28,12 +28,11 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CacheConfig
+from .fingerprints import code_sha256, file_sha256, weights_file
 from .model import assign_values, copy_values
 from .paths import MLRUNS_DIR
-from .pretrain import demo_weights_path
 from .tracking import package_versions
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("finetune_ablation")
 
 
@@ -60,23 +59,11 @@ def cache_dir(cfg: CacheConfig) -> Path:
     return Path(cfg.dir).expanduser() if cfg.dir else MLRUNS_DIR / "cache"
 
 
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
-
-
-def _code_hash() -> str:
-    """The suite's own source: a code change must not reuse a phase 1 trained by other code."""
-    digest = hashlib.sha256()
-    for path in sorted(_PACKAGE_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
 def phase1_key(cfg: DictConfig, data_fingerprint: str) -> str:
     """Hash of exactly what phase 1 depends on (and nothing of phase 2)."""
     m = cfg.model
-    path = demo_weights_path() if m.weights == "demo" else m.weights  # demo: the shipped base (pretrain.py)
-    weights = m.weights if m.weights in (None, "imagenet") else f"file:{_file_sha256(path)}"
+    path = weights_file(m.weights)  # demo: the base shipped with the package (pretrain.py)
+    weights = m.weights if path is None else f"file:{file_sha256(path)}"
     inputs = {
         "data": {
             "fingerprint": data_fingerprint,
@@ -100,7 +87,7 @@ def phase1_key(cfg: DictConfig, data_fingerprint: str) -> str:
         "features": cfg.cache.features,  # equal to float tolerance, not bit for bit: keep entries apart
         "seed": cfg.seed,
         "versions": package_versions(),
-        "code": _code_hash(),
+        "code": code_sha256(),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -111,14 +98,6 @@ _PARTIAL = ".partial-"  # <key>.partial-<pid>: an entry being written; renamed t
 
 class BadEntry(Exception):
     """A cache entry that cannot be trusted (truncated, changed, or left half-written)."""
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -222,7 +201,7 @@ class Phase1Cache:
             raise BadEntry(f"no valid {CHECKSUMS}: left by an interrupted or older writer") from None
         for name, digest in expected.items():
             path = entry / name
-            if not path.is_file() or _sha256_file(path) != digest:
+            if not path.is_file() or file_sha256(path) != digest:
                 raise BadEntry(f"{name} does not match its checksum: truncated or changed")
         state = json.loads((entry / "state.json").read_text())
         with np.load(entry / "variables.npz") as arrays:

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from .config import DataConfig
 from .errors import UserError
+from .fingerprints import file_sha256
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what Keras's directory loader reads
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
@@ -86,14 +87,6 @@ def is_ignored(name: str) -> bool:
     """The one rule for what is not data, shared by the scan and the split: hidden files and folders
     (``.DS_Store``, macOS's ``._img.jpg`` resource forks, ``.ipynb_checkpoints``) and Windows' clutter."""
     return name.startswith(".") or name.lower() in _IGNORED_FILES
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _TF_INTERNALS = re.compile(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$")  # {{function_node ..}}, [Op:..]
@@ -184,7 +177,7 @@ def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
                     "move it out of the data folder or convert it"
                 )
             _check_decodes(path)
-            files.append(ImageFile(path, path.relative_to(root).as_posix(), name, _sha256(path)))
+            files.append(ImageFile(path, path.relative_to(root).as_posix(), name, file_sha256(path)))
     return class_names, files
 
 

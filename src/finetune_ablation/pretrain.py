@@ -17,7 +17,6 @@ another CPU may round differently, so there the file's bytes, not what it does, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .demo_data import TEXTURES, background, paint, texture, to_image
+from .fingerprints import file_sha256
 
 BASES_DIR = Path(__file__).resolve().parent / "bases"
 WEIGHTS_NAME = "demo_base.weights.h5"
@@ -134,14 +134,6 @@ def source_split(per_class: int, size: int, seed: int, part: int) -> tuple[np.nd
     labels = np.tile(np.arange(len(SOURCE_CLASSES)), per_class)
     images = np.stack([np.asarray(draw_source(rng, int(y), size), dtype=np.float32) for y in labels])
     return images, labels.astype(np.int32)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

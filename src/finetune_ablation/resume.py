@@ -11,10 +11,8 @@ Optuna trials never stand in for a job. Every decision is one log line that says
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run
@@ -22,6 +20,7 @@ from omegaconf import DictConfig
 
 from . import tracking
 from .errors import UserError
+from .fingerprints import code_sha256, file_sha256, weights_file
 from .report_stats import PRUNED_TAG, REPRODUCED_TAG
 
 log = logging.getLogger("finetune_ablation")
@@ -30,28 +29,15 @@ CONFIG_TAG = "config_hash"
 CODE_TAG = "code.sha256"
 WEIGHTS_FILE_TAG = "model.weights_file_sha256"
 DATA_TAG = "data.fingerprint"  # set by train.py once the images are scanned
-_PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def code_sha256() -> str:
-    """The package's own source, as the phase-1 cache hashes it: a change to it must not reuse results."""
-    digest = hashlib.sha256()
-    for path in sorted(_PACKAGE_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def _weights_file_sha256(weights: str | None) -> str | None:
-    if weights in (None, "imagenet"):
+    path = weights_file(weights)
+    if path is None:
         return None
-    path = Path(weights).expanduser()
     if not path.is_file():
         return "missing"  # the job fails on it with its own error line
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def identity_tags(cfg: DictConfig) -> dict[str, str]:

@@ -1,0 +1,39 @@
+"""Content hashes that decide whether a result may be reused (the phase-1 cache, resume) or trusted (a
+cache entry, the shipped demo base, the images): one definition of each, shared by all of them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (image folders and weights files can be large)."""
+    digest = hashlib.sha256()
+    with Path(path).expanduser().open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_sha256() -> str:
+    """The suite's own source (every module of the package): results computed by other code are not
+    reused, while a commit that changes only docs reuses them."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def weights_file(weights: str | None) -> Path | None:
+    """The local file behind ``model.weights`` (``demo``: the base shipped with the package), or None for
+    ``imagenet`` and ``null``, whose identity is their name."""
+    if weights in (None, "imagenet"):
+        return None
+    if weights == "demo":
+        from .pretrain import demo_weights_path
+
+        return Path(demo_weights_path())
+    return Path(weights).expanduser()
