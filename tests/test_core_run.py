@@ -207,7 +207,7 @@ def test_a_clearly_learned_model_is_not_flagged(tmp_path, tracking_uri):
     assert n == 40 and low > majority, (accuracy, majority)
     assert run.data.tags["gap.at_chance"] == "false"
     text = artifact_path(tracking_uri, run.info.run_id, "gap_summary.txt").read_text()
-    assert text.startswith("phase 1, epoch 3: ") and "AT CHANCE" not in text
+    assert text.startswith("phase 1, epoch 4 (step 3): ") and "AT CHANCE" not in text
 
 
 @pytest.mark.slow
@@ -246,8 +246,8 @@ def test_gap_summary_names_components_per_phase(store):
     path = artifact_path(uri, ids["default"], "gap_summary.txt")
     text = path.read_text()
     assert text.startswith("AT CHANCE: ")  # 8 validation images (see the chance test)
-    assert "\nphase 1, epoch 1: " in text
-    assert "phase 2, epoch 3: " in text
+    assert "\nphase 1, epoch 2 (step 1): " in text
+    assert "phase 2, epoch 4 (step 3): " in text
     for component in ("lag", "batchnorm", "dropout", "augmentation", "split"):
         assert component in text
 

@@ -266,7 +266,8 @@ def gap_summary(rows: list[dict], warning: str | None = None) -> str:
         measured = [r for r in rows if r["phase"] == phase and "gap/total" in r]
         if measured:
             last = measured[-1]
-            lines.append(f"phase {phase}, epoch {last['epoch']}: {gap_sentence(last)}")
+            # epochs counted from 1 as the console prints them; MLflow's step is the epoch index
+            lines.append(f"phase {phase}, epoch {last['epoch'] + 1} (step {last['epoch']}): {gap_sentence(last)}")
     if not any(line.startswith("phase ") for line in lines):
         lines.append("no gap measurement (diagnostics.level=off)")
         return "\n".join(lines) + "\n"

@@ -292,6 +292,14 @@ def _log_model(model: keras.Model) -> None:
     are pinned from this environment: MLflow's inference would re-import the model in a subprocess."""
     from importlib.metadata import version
 
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
     pins = [f"{name}=={version(name)}" for name in ("tensorflow", "keras")]
-    mlflow.keras.log_model(model, name="model", pip_requirements=pins)
+    float32 = np.dtype("float32")
+    signature = ModelSignature(  # images in (pixels 0..255), logits out: shown in the UI, checked on serving
+        inputs=Schema([TensorSpec(float32, (-1, *model.input_shape[1:]), "image")]),
+        outputs=Schema([TensorSpec(float32, (-1, *model.output_shape[1:]), "logits")]),
+    )
+    mlflow.keras.log_model(model, name="model", pip_requirements=pins, signature=signature)
     mlflow.set_tag("model.uri", f"runs:/{mlflow.active_run().info.run_id}/model")
