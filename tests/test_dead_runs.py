@@ -294,7 +294,9 @@ def test_a_sweeper_that_cannot_start_leaves_no_running_parent(tmp_path, image_di
         "-m", "experiment=lr_search", *QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", *bad, cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input: one error line (docs/studies-and-resume.md)
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error: ")]) == 1
+    assert "Traceback" not in result.stderr
     (parent,) = runs(uri, "lr_search")
     assert parent.data.tags["sweep.role"] == "parent"
     assert parent.info.status == "FAILED"
