@@ -1,40 +1,16 @@
-"""Shared fixtures: generated 32x32 image folders, a temp MLflow store, and composing the real Hydra config.
-
-Everything is real: Keras trains, MLflow writes sqlite, Hydra composes ``conf/`` and ``experiments/``."""
+"""Shared fixtures: generated 32x32 image folders and a temp MLflow store. Plain helpers (the fast
+settings, composing the config, running ``ablate``) are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import mlflow
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from finetune_ablation import cli  # noqa: F401  (registers the schema and experiments)
 from finetune_ablation.demo_data import write_image_folder
-from finetune_ablation.paths import CONF_DIR
 
-# Small and fast, but the real pipeline: a random-init MobileNetV2 at its minimum input size.
-FAST = [
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.validation_split=0.2",  # 32 train / 8 val: whole batches of 8, so Keras traces each step once
-    "model.weights=null",
-    "model.fine_tune_at=100",
-    "model.calibrate_bn=true",  # a random base's features vanish without it (see model.calibrate_batchnorm)
-    "train.initial_epochs=2",
-    "train.fine_tune_epochs=2",
-    "train.verbose=0",
-    "cache.phase1=false",  # the phase-1 cache has its own tests (test_cache.py)
-    "tracking.log_model=false",  # saving the model costs seconds; test_core_run's logged-model test turns it on
-]
+from .helpers import new_store
 
 
 @pytest.fixture(scope="session")
@@ -55,38 +31,4 @@ def own_image_dir(image_dir, tmp_path) -> Path:
 
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def make_cfg(data_dir: Path | str | None, tracking_uri: str, *overrides: str) -> DictConfig:
-    """Compose ``conf/`` exactly as ``ablate`` does, with the fast settings and ``overrides``."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        data = [f"data.dir={data_dir}"] if data_dir is not None else []
-        return compose("config", overrides=[*FAST, *data, f"tracking.uri={tracking_uri}", *overrides])
-
-
-def runs(tracking_uri: str, experiment: str = "finetune-ablation"):
-    """All runs of an experiment, oldest first, as MLflow entities."""
-    client = mlflow.MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    return list(found)
-
-
-def history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    client = mlflow.MlflowClient(tracking_uri)
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
-def run_ablate(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real console script, in a subprocess, as a user runs it."""
-    exe = Path(sys.executable).with_name("ablate")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def artifact_path(tracking_uri: str, run_id: str, name: str) -> Path:
-    """Download one artifact of a run and return its local path."""
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=tracking_uri))
+    return new_store(tmp_path)

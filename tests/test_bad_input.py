@@ -12,7 +12,7 @@ import pytest
 from finetune_ablation.cli import run_job
 from finetune_ablation.demo_data import write_image_folder
 
-from .conftest import FAST, make_cfg, run_ablate, runs
+from .helpers import FAST, make_cfg, new_store, run_ablate, runs
 
 
 def _fails(capsys, cfg, *expected: str) -> str:
@@ -53,7 +53,7 @@ def test_empty_class_folder(capsys, tracking_uri, own_image_dir):
 
 def _ablate_fails(data_dir: Path, tmp_path: Path, *expected: str) -> str:
     """``ablate data.dir=...`` as a user runs it: exit 2, one ``error:`` line, no traceback, run FAILED."""
-    uri = f"sqlite:///{tmp_path / 'cli.db'}"
+    uri = new_store(tmp_path, "cli.db")
     done = run_ablate(*FAST, f"data.dir={data_dir}", f"tracking.uri={uri}", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]

@@ -7,7 +7,7 @@ import pytest
 
 from finetune_ablation.cli import run_job
 
-from .conftest import FAST, history, make_cfg, run_ablate, runs
+from .helpers import FAST, history, make_cfg, new_store, run_ablate, runs
 
 KERAS_AND_GAP = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "gap/total", "gap/batchnorm")
 
@@ -53,7 +53,7 @@ def test_phase2_settings_share_the_entry_and_phase1_settings_do_not(image_dir, t
 @pytest.mark.slow
 def test_parallel_jobs_compute_an_entry_once(image_dir, tmp_path):
     """Two joblib workers, two depths, one phase 1: the lock makes one job wait and then hit."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     result = run_ablate(
         "-m",
         *FAST,

@@ -18,7 +18,7 @@ from filelock import FileLock, Timeout
 from finetune_ablation.cache import CHECKSUMS, Phase1Cache, Phase1State
 from finetune_ablation.cli import run_job
 
-from .conftest import history, make_cfg, runs
+from .helpers import history, make_cfg, runs
 
 
 def _state() -> Phase1State:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FAST, run_ablate, runs
+from .helpers import FAST, new_store, run_ablate, runs
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def _one_error_line(result) -> str:
     ],
 )
 def test_a_config_hydra_cannot_compose_is_one_line_and_exit_2(tmp_path, overrides, message):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_store(tmp_path)
     result = run_ablate(*overrides, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert message in _one_error_line(result)
     assert not list(tmp_path.glob("sweep/*/.hydra"))  # no job ran
@@ -90,12 +90,12 @@ def test_a_multirun_whose_store_cannot_be_reached_exits_2_before_any_job(tmp_pat
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    result = run_ablate(f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"data.dir={tmp_path}/none", cwd=tmp_path)
+    result = run_ablate(f"tracking.uri={new_store(tmp_path)}", f"data.dir={tmp_path}/none", cwd=tmp_path)
     assert "does not exist" in _one_error_line(result)
 
 
 def test_a_run_from_the_command_line(tmp_path, image_dir):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_store(tmp_path)
     result = run_ablate(*FAST, f"data.dir={image_dir}", f"tracking.uri={uri}", "train.fine_tune_epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs(uri)

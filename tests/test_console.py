@@ -16,7 +16,7 @@ import pytest
 
 from finetune_ablation.console import epoch_line, where_to_look
 
-from .conftest import FAST, run_ablate, runs
+from .helpers import FAST, new_store, run_ablate, runs
 
 LOGS = {
     "loss": 0.51234,
@@ -97,7 +97,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_run_prints_short_epochs_no_chatter_and_a_ui_command_that_opens_the_run(image_dir, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     result = run_ablate(*FAST, f"data.dir={image_dir}", f"tracking.uri={uri}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr

@@ -12,7 +12,7 @@ from PIL import Image
 from finetune_ablation.cli import run_job
 from finetune_ablation.diagnostics import wilson_interval
 
-from .conftest import artifact_path, history, make_cfg, runs
+from .helpers import artifact_path, history, make_cfg, new_store, runs
 from .test_measurement import independent_passes, read_split
 
 LOG_MODEL = "tracking.log_model=true"  # FAST turns it off; the default run here is the one loaded back
@@ -22,7 +22,7 @@ EPOCHS = [0, 1, 2, 3]  # 2 + 2 epochs, numbered continuously across the phases
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, image_dir):
     """Runs shared by this module's tests: trained once each, read many times."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    uri = new_store(tmp_path_factory.mktemp("store"))
     ids = {}
     for name, overrides in {
         "default": [LOG_MODEL],

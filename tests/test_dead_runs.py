@@ -21,7 +21,7 @@ import pytest
 
 from finetune_ablation import liveness, reaper, tracking
 
-from .conftest import FAST, run_ablate, runs
+from .helpers import FAST, new_store, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
 WAIT_S = 900  # a safety net for a hung subprocess on a loaded machine, not a timing assertion
@@ -213,7 +213,7 @@ def _by_pid(uri: str, pid: int) -> list:
 
 @pytest.mark.slow
 def test_a_sigkilled_sweep_is_reaped_and_resumed(tmp_path, image_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     tracking.connect(uri)  # this test's own polling must not race the sweep in creating the store
     sweep = ["-m", *QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}", "seed=1,2"]
     proc = _start(tmp_path, *sweep, f"hydra.sweep.dir={tmp_path / 'first'}")
@@ -247,7 +247,7 @@ def test_a_sigkilled_sweep_is_reaped_and_resumed(tmp_path, image_dir):
 
 @pytest.mark.slow
 def test_a_killed_single_run_is_reaped_and_a_live_one_is_not(tmp_path, image_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     tracking.connect(uri)
     args = [*QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}"]
     doomed, live = _start(tmp_path, *args, "seed=1"), _start(tmp_path, *args, "seed=2")
@@ -289,7 +289,7 @@ def test_a_killed_single_run_is_reaped_and_a_live_one_is_not(tmp_path, image_dir
     ids=["n_trials=0", "bad-grammar"],
 )
 def test_a_sweeper_that_cannot_start_leaves_no_running_parent(tmp_path, image_dir, bad, says):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     result = run_ablate(
         "-m", "experiment=lr_search", *QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", *bad, cwd=tmp_path,
@@ -329,7 +329,7 @@ def test_sigterm_ends_the_open_run_killed(tracking_uri):
 
 @pytest.mark.slow
 def test_ctrl_c_ends_the_sweep_killed_with_its_summary_so_far(tmp_path, image_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     tracking.connect(uri)
     proc = _start(tmp_path, "-m", *QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}", "seed=1,2")
     _wait_for(lambda: any("mlflow.parentRunId" in r.data.tags for r in runs(uri)), proc)

@@ -19,7 +19,7 @@ from finetune_ablation.errors import UserError
 from finetune_ablation.model import load_base
 from finetune_ablation.pretrain import BASES_DIR, CARD_NAME, FULL, QUICK, SOURCE_CLASSES, WEIGHTS_NAME, pretrain
 
-from .conftest import make_cfg, runs
+from .helpers import make_cfg, new_store, runs
 
 
 def _sha256(path) -> str:
@@ -96,7 +96,7 @@ def demo_runs(demo_image_dir, tmp_path_factory):
     down, as in the course, is not asserted: the shipped base barely transfers, docs/demo.md.)"""
     from finetune_ablation.cli import run_job
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('demo_store') / 'mlflow.db'}"
+    uri = new_store(tmp_path_factory.mktemp("demo_store"))
     run_job(make_cfg(demo_image_dir, uri, *DEMO_BASE, "model.dropout=0", "augment=none"))
     return uri, runs(uri)
 

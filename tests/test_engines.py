@@ -17,7 +17,7 @@ import pytest
 from finetune_ablation import tracking
 
 from . import servers
-from .conftest import FAST, history, run_ablate, runs
+from .helpers import FAST, history, new_store, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
 
@@ -181,7 +181,7 @@ def test_postgres_holds_the_study_of_two_sweepers_and_the_mlflow_store(tmp_path,
 def test_a_ray_sweep_groups_under_one_parent_and_shares_phase1(tmp_path, image_dir, ray_address):
     """Hydra's Ray launcher on a local Ray cluster: both jobs are children of one parent, ran in Ray
     workers, and the second one loaded phase 1 from the cache the first one wrote."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     output = _sweep(
         tmp_path,
         image_dir,

@@ -13,7 +13,7 @@ import pytest
 
 from finetune_ablation import store
 
-from .conftest import FAST, runs
+from .helpers import FAST, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
 

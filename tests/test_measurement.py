@@ -24,7 +24,7 @@ import pytest
 
 from finetune_ablation.train import train_and_log
 
-from .conftest import make_cfg
+from .helpers import make_cfg
 
 SEED = 42
 SPLIT_SEED = 42

@@ -29,7 +29,7 @@ from hydra_plugins.finetune_ablation_optuna_sweeper import _results, _study
 from hydra_plugins.finetune_ablation_optuna_sweeper._search_space import grid_values, parse_search_space
 from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import TrialHandoff, encode_value, open_storage
 
-from .conftest import FAST, history, make_cfg, run_ablate, runs
+from .helpers import FAST, history, make_cfg, new_store, run_ablate, runs
 
 # --- the grammar ---------------------------------------------------------------------------------
 
@@ -208,7 +208,7 @@ def _args(tmp_path: Path, image_dir: Path, sweep: str, *extra: str) -> list[str]
         "experiment=lr_search",
         *QUICK,
         f"data.dir={image_dir}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={new_store(tmp_path)}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
         f"hydra.sweep.dir={tmp_path / sweep}",
         *extra,
@@ -222,7 +222,7 @@ def _study_of(tmp_path: Path) -> optuna.Study:
 
 
 def _children(tmp_path: Path) -> list:
-    return [r for r in runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "lr_search") if "optuna.trial_number" in r.data.tags]
+    return [r for r in runs(new_store(tmp_path), "lr_search") if "optuna.trial_number" in r.data.tags]
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -265,7 +265,7 @@ def searched(tmp_path_factory, image_dir) -> _Searched:
         cwd=root,
     )
     _ok(first)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root)
     first_trials = _study_of(root).trials
     first_children = _children(root)
     (first_parent,) = (r for r in runs(uri, "lr_search") if "sweep.role" in r.data.tags)
@@ -361,7 +361,7 @@ class Barrier(Callback):
 def test_two_concurrent_sweepers_stop_at_the_total(tmp_path, image_dir):
     """Two workers on one study, n_trials=6, forced to overlap (each job waits until a trial of the other
     worker runs beside it): 6 complete + pruned trials, none numbered twice, none run past the total."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     # created up front: parallel creation races (docs/stack-facts.md)
     tracking.ensure_experiment(tracking.connect(uri), uri, "lr_search")
     open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")  # the Optuna tables too: both workers then race only in asks

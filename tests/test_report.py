@@ -29,7 +29,7 @@ from finetune_ablation.cli import run_job
 from finetune_ablation.diagnostics import COMPONENTS
 from finetune_ablation.tracking import ensure_experiment
 
-from .conftest import make_cfg, runs
+from .helpers import make_cfg, new_store, runs
 
 EXPERIMENT = "study"
 SEEDS = (1, 2)
@@ -56,7 +56,7 @@ FILES = (
 def study(tmp_path_factory, image_dir):
     """(tracking URI, parent run id, ids of the finished children, report folder)."""
     tmp = tmp_path_factory.mktemp("study")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = new_store(tmp)
     client = mlflow.MlflowClient(uri)
     experiment_id = ensure_experiment(client, uri, EXPERIMENT)
     parent = client.create_run(experiment_id, tags={"sweep.role": "parent", "sweep.dir": str(tmp)}).info.run_id

@@ -29,7 +29,7 @@ from finetune_ablation.reproduce_config import (
     validate_against_schema,
 )
 
-from .conftest import FAST, artifact_path, history, run_ablate, runs
+from .helpers import FAST, artifact_path, history, new_store, run_ablate, runs
 
 EXPERIMENT = "repro"
 
@@ -38,7 +38,7 @@ EXPERIMENT = "repro"
 def original(tmp_path_factory, image_dir):
     """One run logged by the ``ablate`` CLI: (tracking URI, run)."""
     tmp = tmp_path_factory.mktemp("repro")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = new_store(tmp)
     done = run_ablate(
         *FAST,
         f"data.dir={image_dir}",
@@ -259,7 +259,7 @@ def test_a_crafted_synthetic_run_cannot_make_reproduce_write_outside(original, c
 def test_a_synthetic_run_reproduces_bit_for_bit_from_regenerated_images(tmp_path):
     """The legitimate case: the demo folder is gone (here: replaced by someone's files), the images
     are generated again from the logged seed and count, and every metric matches."""
-    demo, uri = tmp_path / "demo", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    demo, uri = tmp_path / "demo", new_store(tmp_path)
     synthetic = ["data.synthetic=true", "data.synthetic_images_per_class=20", f"data.dir={demo}"]
     done = run_ablate(
         *FAST,

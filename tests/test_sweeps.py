@@ -19,14 +19,14 @@ from finetune_ablation.paths import EXPERIMENTS_DIR
 from finetune_ablation.sweep import find_parent_run, tag_filter
 from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import encode_value
 
-from .conftest import FAST, make_cfg, run_ablate, runs
+from .helpers import FAST, make_cfg, new_store, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1"]
 SKIPPED = "skipped: identical run "
 
 
 def _sweep(tmp_path: Path, image_dir: Path, *grid: str, name: str = "sweep"):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     result = run_ablate(
         "-m",
         *QUICK,
@@ -167,7 +167,7 @@ QUOTED = ["/a/plain", "/a/it's", '/a/say "hi"', "/a/both'\"", "/a/b\\'q", "/a/%_
 
 def test_tag_filter_finds_exactly_the_tagged_run_in_a_real_store(tmp_path):
     """MLflow's filter unescapes nothing inside quotes: every sweep dir must still find its parent."""
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(new_store(tmp_path))
     experiment = client.create_experiment("x")
     # look-alikes that a wildcard or a case-insensitive match would also find
     values = set(QUOTED)
@@ -230,7 +230,7 @@ def test_resume_reuses_only_an_identical_run(tmp_path, own_image_dir):
 @pytest.mark.slow
 def test_resume_says_when_code_or_packages_changed(tmp_path, image_dir):
     """The decision on a real store, for a run made by other code or other package versions."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     cfg = make_cfg(image_dir, uri, *QUICK[len(FAST) :])
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("x")
