@@ -39,10 +39,11 @@ def test_shipped_weights_match_their_card():
     assert card["settings"] == asdict(FULL) and card["command"] == "ablate-pretrain"
     assert card["source_task"]["classes"] == list(SOURCE_CLASSES)
     assert card["chance_accuracy"] == round(1 / len(SOURCE_CLASSES), 4)
-    # it learned something of its source task: the 95% interval of its held-out accuracy excludes chance
+    # it learned its source task: the 95% interval of its held-out accuracy lies far above chance (a base
+    # whose frozen features a head can use; the shipped one: 0.83 against 0.042)
     n = card["source_task"]["val_images"]
     low = binomtest(round(card["source_val_accuracy"] * n), n).proportion_ci(method="wilson").low
-    assert low > 1 / len(SOURCE_CLASSES)
+    assert low > 10 / len(SOURCE_CLASSES)
     assert {"tensorflow", "keras", "numpy"} <= set(card["versions"])
 
 

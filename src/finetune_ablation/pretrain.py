@@ -18,7 +18,7 @@ task, seed, epochs, source accuracy, sha256 of the weights file, package version
 lives in ``finetune_ablation/bases/``. Deterministic for a seed on one machine (op determinism on CPU);
 another CPU may round differently, so there the file's bytes, not what it does, can differ.
 
-    ablate-pretrain                 # the shipped base (about 10 minutes on 2 shared cores)
+    ablate-pretrain                 # the shipped base (about 15 minutes on 2 busy cores)
     ablate-pretrain --quick --out /tmp/base   # tiny settings, same code path (seconds)"""
 
 from __future__ import annotations
