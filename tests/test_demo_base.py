@@ -11,6 +11,7 @@ import sys
 from dataclasses import asdict
 
 import mlflow
+import numpy as np
 import pytest
 from scipy.stats import binomtest
 
@@ -38,10 +39,11 @@ def test_shipped_weights_match_their_card():
     assert card["settings"] == asdict(FULL) and card["command"] == "ablate-pretrain"
     assert card["source_task"]["classes"] == list(SOURCE_CLASSES)
     assert card["chance_accuracy"] == round(1 / len(SOURCE_CLASSES), 4)
-    # it learned something of its source task: the 95% interval of its held-out accuracy excludes chance
+    # it learned its source task: the 95% interval of its held-out accuracy lies far above chance (a base
+    # whose frozen features a head can use; the shipped one: 0.83 against 0.042)
     n = card["source_task"]["val_images"]
     low = binomtest(round(card["source_val_accuracy"] * n), n).proportion_ci(method="wilson").low
-    assert low > 1 / len(SOURCE_CLASSES)
+    assert low > 10 / len(SOURCE_CLASSES)
     assert {"tensorflow", "keras", "numpy"} <= set(card["versions"])
 
 
@@ -92,21 +94,59 @@ def _phase1_last(client, run, key: str) -> float:
 
 @pytest.fixture(scope="module")
 def demo_runs(demo_image_dir, tmp_path_factory):
-    """Runs on the demo base with dropout and augmentation off. (That with both on they hold training
-    down, as in the course, is not asserted: the shipped base barely transfers, docs/demo.md.)"""
+    """Two runs on the demo base: the course's settings (dropout 0.2, flip + rotation 0.2; nothing of the
+    base unfrozen in phase 2, so the logged model's base is frozen as in phase 1), and dropout and
+    augmentation off."""
     from finetune_ablation.cli import run_job
 
     uri = new_store(tmp_path_factory.mktemp("demo_store"))
+    course = ["model.dropout=0.2", "augment=standard", "model.fine_tune_at=154", "tracking.log_model=true"]
+    run_job(make_cfg(demo_image_dir, uri, *DEMO_BASE, *course))
     run_job(make_cfg(demo_image_dir, uri, *DEMO_BASE, "model.dropout=0", "augment=none"))
     return uri, runs(uri)
 
 
 @pytest.mark.slow
 def test_without_dropout_and_augmentation_their_components_are_exactly_zero(demo_runs):
-    uri, (without,) = demo_runs
+    uri, (_, without) = demo_runs
     client = mlflow.MlflowClient(uri)
     assert _phase1_last(client, without, "gap/dropout") == 0.0
     assert _phase1_last(client, without, "gap/augmentation") == 0.0
+
+
+def _accuracy(model, images: np.ndarray, labels: np.ndarray, training: bool) -> float:
+    logits = np.concatenate(
+        [np.asarray(model(images[i : i + 32], training=training)) for i in range(0, len(images), 32)]
+    )
+    return float(np.mean((logits[:, 0] > 0) == (labels[:, 0] > 0.5)))
+
+
+@pytest.mark.slow
+def test_dropout_and_augmentation_hold_training_accuracy_down(demo_runs, demo_image_dir):
+    """The phenomenon the suite explains, on the demo base with the course's settings: in phase 1 the
+    measured dropout and augmentation components are positive (training held down) ..."""
+    uri, (course, _) = demo_runs
+    client = mlflow.MlflowClient(uri)
+    assert _phase1_last(client, course, "gap/dropout") > 0
+    assert _phase1_last(client, course, "gap/augmentation") > 0
+    # ... and, independently of the suite's measuring code: the logged model (base frozen), on the run's
+    # own training images as Keras splits them, scores lower with dropout and augmentation on (a
+    # training-mode call, averaged over several random draws) than in inference mode.
+    import keras
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.keras.load_model(f"runs:/{course.info.run_id}/model")
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            layer.trainable = False  # BatchNorm on its moving statistics, as in phase 1
+    train = keras.utils.image_dataset_from_directory(
+        demo_image_dir, validation_split=0.2, subset="training", seed=42, image_size=(64, 64), label_mode="binary"
+    )
+    images, labels = (np.concatenate(parts) for parts in zip(*train.as_numpy_iterator(), strict=True))
+    clean = _accuracy(model, images, labels, training=False)
+    keras.utils.set_random_seed(0)
+    held_down = np.mean([_accuracy(model, images, labels, training=True) for _ in range(5)])
+    assert held_down < clean - 2 / len(images)
 
 
 @pytest.mark.slow

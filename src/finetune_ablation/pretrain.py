@@ -2,16 +2,23 @@
 
 No weights can be downloaded on the machines this suite targets, and a randomly initialised base gives
 features a head cannot use, so the demo could never show what the course shows. This command trains a
-small MobileNetV2 (alpha 0.35) from scratch on a generated SOURCE task: 24 classes, eight shapes times
-three fill textures, in random colours, sizes, angles and positions on random backgrounds. That is not
-the demo's TARGET task (animal silhouettes, demo_data.py), so the demo really transfers features.
+small MobileNetV2 (alpha 0.35) from scratch on a generated SOURCE task: 24 classes, six shapes (triangle,
+arrow, tee, ell, lollipop, crescent) times four orientations (pointing up, right, down or left), in random
+textures, colours, sizes and positions on random backgrounds. Its features are outlines and which way
+they point, which is what the demo's TARGET task (animal silhouettes with the head up or low,
+demo_data.py) needs, but the task is a different one, so the demo really transfers features.
+
+Keras's MobileNetV2 builds its BatchNormalization layers with momentum 0.999: after a few hundred steps
+from scratch their moving statistics are still near their initial (0, 1), and the base in inference
+mode (frozen, as in phase 1) is at chance. So pretraining runs BN at momentum 0.9 and, at the end, sets
+every moving mean and variance to the trained base's own statistics over training images.
 
 It writes the base without its top (``demo_base.weights.h5``) and a card (``demo_base.json``: source
 task, seed, epochs, source accuracy, sha256 of the weights file, package versions). The shipped pair
 lives in ``finetune_ablation/bases/``. Deterministic for a seed on one machine (op determinism on CPU);
 another CPU may round differently, so there the file's bytes, not what it does, can differ.
 
-    ablate-pretrain                 # the shipped base (about 10 minutes on 2 cores)
+    ablate-pretrain                 # the shipped base (about 15 minutes on 2 busy cores)
     ablate-pretrain --quick --out /tmp/base   # tiny settings, same code path (seconds)"""
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from .fingerprints import file_sha256
 BASES_DIR = Path(__file__).resolve().parent / "bases"
 WEIGHTS_NAME = "demo_base.weights.h5"
 CARD_NAME = "demo_base.json"
-SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "crescent")
-SOURCE_CLASSES = tuple(f"{shape}/{fill}" for shape in SHAPES for fill in TEXTURES)
+SHAPES = ("triangle", "arrow", "tee", "ell", "lollipop", "crescent")
+ORIENTATIONS = ("up", "right", "down", "left")  # where the shape points, give or take 20 degrees
+SOURCE_CLASSES = tuple(f"{shape}/{where}" for shape in SHAPES for where in ORIENTATIONS)
 CALIBRATION_IMAGES = 512
+BN_MOMENTUM = 0.9  # Keras's MobileNetV2 uses 0.999: its moving statistics lag a few hundred steps behind
 HELD_OUT = 1_000_000  # the source_split part that no epoch trains on
 
 
@@ -49,8 +58,8 @@ class Settings:
     alpha: float = 0.35
     train_per_class: int = 150
     val_per_class: int = 40
-    epochs: int = 8
-    batch_size: int = 64
+    epochs: int = 16
+    batch_size: int = 32
     learning_rate: float = 2e-3
 
 
@@ -59,71 +68,55 @@ QUICK = replace(FULL, train_per_class=4, val_per_class=2, epochs=1, batch_size=1
 
 
 def _polygon(cx: float, cy: float, radius: float, angle: float, points: list[tuple[float, float]]):
-    """Unit-circle points scaled, rotated by ``angle`` and moved to (cx, cy)."""
+    """Unit-square points (pointing up: negative y) scaled, rotated by ``angle`` and moved to (cx, cy)."""
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + radius * (c * x - s * y), cy + radius * (s * x + c * y)) for x, y in points]
 
 
-def _star(n: int, inner: float) -> list[tuple[float, float]]:
-    radii = [1 if i % 2 == 0 else inner for i in range(2 * n)]
-    return [(r * math.cos(math.pi * i / n), r * math.sin(math.pi * i / n)) for i, r in enumerate(radii)]
-
-
+# Outlines pointing UP (image y grows downwards); none looks the same after a quarter or half turn.
 _OUTLINES = {
-    "square": [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)],
-    "triangle": [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)],
-    "cross": [
-        (x * 0.3, y * 0.3)
-        for x, y in [
-            (-1, -3),
-            (1, -3),
-            (1, -1),
-            (3, -1),
-            (3, 1),
-            (1, 1),
-            (1, 3),
-            (-1, 3),
-            (-1, 1),
-            (-3, 1),
-            (-3, -1),
-            (-1, -1),
-        ]
-    ],
-    "star": _star(5, 0.4),
-    "diamond": [(0, -1), (0.55, 0), (0, 1), (-0.55, 0)],
+    "triangle": [(0, -1), (0.55, 0.85), (-0.55, 0.85)],
+    "arrow": [(0, -1), (0.65, -0.25), (0.22, -0.25), (0.22, 1), (-0.22, 1), (-0.22, -0.25), (-0.65, -0.25)],
+    "tee": [(-0.8, -1), (0.8, -1), (0.8, -0.55), (0.22, -0.55), (0.22, 1), (-0.22, 1), (-0.22, -0.55), (-0.8, -0.55)],
+    "ell": [(-0.55, -1), (-0.1, -1), (-0.1, 0.55), (0.65, 0.55), (0.65, 1), (-0.55, 1)],
+    "stem": [(-0.14, -0.35), (0.14, -0.35), (0.14, 1), (-0.14, 1)],
 }
 
 
-def shape_mask(rng: np.random.Generator, shape: str, size: int) -> Image.Image:
-    """An L-mode mask of one shape at a random place, size and angle."""
+def shape_mask(rng: np.random.Generator, shape: str, orientation: int, size: int) -> Image.Image:
+    """An L-mode mask of one shape pointing in ``ORIENTATIONS[orientation]`` (plus up to 20 degrees
+    either way), at a random place and size."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
-    radius = rng.uniform(0.22, 0.42) * size
+    radius = rng.uniform(0.25, 0.42) * size
     cx, cy = rng.uniform(radius, size - radius, size=2)
-    angle = rng.uniform(0, 2 * math.pi)
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    angle = orientation * math.pi / 2 + rng.uniform(-1, 1) * math.radians(20)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return _polygon(cx, cy, radius, angle, [(x, y)])[0]
+
     if shape in _OUTLINES:
         draw.polygon(_polygon(cx, cy, radius, angle, _OUTLINES[shape]), fill=255)
-    elif shape == "circle":
-        draw.ellipse(box, fill=255)
-    elif shape == "ring":
-        draw.ellipse(box, fill=255)
-        r = radius * 0.55
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=0)
-    elif shape == "crescent":
-        draw.ellipse(box, fill=255)
-        dx, dy = 0.45 * radius * math.cos(angle), 0.45 * radius * math.sin(angle)
-        draw.ellipse((box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy), fill=0)
+    elif shape == "lollipop":  # a round head on a stem
+        draw.polygon(_polygon(cx, cy, radius, angle, _OUTLINES["stem"]), fill=255)
+        hx, hy, r = *at(0, -0.55), 0.45 * radius
+        draw.ellipse((hx - r, hy - r, hx + r, hy + r), fill=255)
+    elif shape == "crescent":  # a disc with a bite taken from the side it points to
+        r = 0.8 * radius
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        bx, by = at(0, -0.5)
+        draw.ellipse((bx - r, by - r, bx + r, by + r), fill=0)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return mask
 
 
 def draw_source(rng: np.random.Generator, label: int, size: int) -> Image.Image:
-    """One source-task image of class ``SOURCE_CLASSES[label]``."""
-    shape, fill = SOURCE_CLASSES[label].split("/")
+    """One source-task image of class ``SOURCE_CLASSES[label]``, in a random fill texture and colours."""
+    shape, where = SOURCE_CLASSES[label].split("/")
     canvas = background(rng, size)
-    paint(canvas, shape_mask(rng, shape, size), texture(rng, fill, size))
+    fill = texture(rng, str(rng.choice(TEXTURES)), size)
+    paint(canvas, shape_mask(rng, shape, ORIENTATIONS.index(where), size), fill)
     return to_image(canvas)
 
 
@@ -151,7 +144,7 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     import keras
     import tensorflow as tf
 
-    from .model import calibrate_batchnorm
+    from .model import batchnorm_layers, calibrate_batchnorm
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.seed)
@@ -162,6 +155,8 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     base = keras.applications.MobileNetV2(
         input_shape=(size, size, 3), alpha=settings.alpha, include_top=False, weights=None
     )
+    for bn in batchnorm_layers(base):
+        bn.momentum = BN_MOMENTUM  # a training parameter, not stored in the weights file
     inputs = keras.Input((size, size, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)  # as mobilenet_v2.preprocess_input
     x = keras.layers.GlobalAveragePooling2D()(base(x))
@@ -177,10 +172,10 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     for epoch in range(settings.epochs):  # fresh images every epoch: a small base memorises a fixed set
         x_train, y_train = source_split(settings.train_per_class, size, settings.seed, epoch)
         batches = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(settings.batch_size)
-        model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=verbose)
-    # The moving BN statistics lag far behind a base trained from scratch in a few hundred steps (its
-    # inference-mode accuracy was at chance): set them from the trained base's own activations.
-    # (x_train: the last epoch's draw, classes interleaved)
+        model.fit(batches, validation_data=(x_val, y_val), initial_epoch=epoch, epochs=epoch + 1, verbose=verbose)
+    # Even at momentum 0.9 the moving BN statistics trail the weights by a few steps: set them exactly to
+    # the trained base's statistics over training images (x_train: the last epoch's draw, classes
+    # interleaved), so that inference mode (a frozen base) sees what training mode saw.
     calibrate_batchnorm(base, lambda images: images / 127.5 - 1, x_train[:CALIBRATION_IMAGES])
     seconds = time.perf_counter() - started
     _, train_accuracy = model.evaluate(x_train, y_train, batch_size=256, verbose=0)
@@ -197,8 +192,8 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
         "weights_file": WEIGHTS_NAME,
         "sha256": file_sha256(weights),
         "source_task": {
-            "description": "generated: 8 shapes x 3 fill textures, random colours, sizes, angles, positions "
-            "and backgrounds (finetune_ablation.pretrain.draw_source)",
+            "description": "generated: 6 shapes x 4 orientations (up, right, down, left, +-20 degrees) in "
+            "random fill textures, colours, sizes, positions and backgrounds (finetune_ablation.pretrain.draw_source)",
             "classes": list(SOURCE_CLASSES),
             "train_images": len(x_train) * settings.epochs,  # a fresh draw every epoch
             "val_images": len(x_val),
