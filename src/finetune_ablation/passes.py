@@ -19,9 +19,7 @@ conditions against hand-built passes."""
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import ClassVar
 
 import keras
 import tensorflow as tf
@@ -82,16 +80,14 @@ class FrozenBottom:
 
 
 class MeasuringPasses:
-    """Every traced pass of one classifier; ``of(clf)`` returns the run's one instance."""
-
-    _instances: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+    """Every traced pass of one classifier; ``of(clf)`` returns the run's one instance (held by the
+    classifier itself, so it goes when the run's model goes)."""
 
     @classmethod
     def of(cls, clf: Classifier) -> MeasuringPasses:
-        passes = cls._instances.get(clf.model)
-        if passes is None or passes.clf is not clf:
-            passes = cls._instances[clf.model] = cls(clf)
-        return passes
+        if clf.measuring_passes is None:
+            clf.measuring_passes = cls(clf)
+        return clf.measuring_passes
 
     def __init__(self, clf: Classifier):
         self.clf = clf
