@@ -202,3 +202,17 @@ def test_fine_tune_at_accepts_index_name_and_beyond_the_end():
     assert base.trainable_weights and all(
         "gamma" not in w.path and "beta" not in w.path for w in base.trainable_weights
     )
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["decoded-once-in-memory", "past-the-budget-from-files"])
+def test_pipeline_pixels_equal_an_independent_decoder(image_dir, monkeypatch, budget):
+    """Whether the scan's decode is kept (a small folder) or the files are read again (past the
+    budget), the training split holds each file's pixels as PIL decodes them (Keras's ``load_img``; the
+    generated PNGs are already 32 px, so no resize is involved), in the split's order."""
+    from finetune_ablation import data as data_module
+
+    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", budget)
+    data = load_datasets(_data_cfg(image_dir))
+    ours = np.stack([x.numpy() for x, _ in data.train_images])
+    theirs = np.stack([keras.utils.img_to_array(keras.utils.load_img(f.path)) for f in data.train_files])
+    np.testing.assert_array_equal(ours, theirs)

@@ -184,3 +184,52 @@ def test_measured_conditions_equal_independent_passes_with_trainable_batchnorm(i
     with mlflow.start_run():
         train_and_log(cfg, extra_callbacks=[check])
     assert check.checked == [2, 3]  # both phase-2 epochs, BN trainable in both
+
+
+@pytest.mark.slow
+def test_measuring_passes_are_traced_once_per_run_and_the_cut_is_exact(image_dir, tracking_uri):
+    """Two phases' meters share their traced passes: each pass is traced once, whatever the phase,
+    except the training-mode pass, which depends on which BatchNorm layers are trainable. In phase 2
+    the base is cut below its first trainable layer; at MobileNetV2's layer 100 two tensors cross the
+    cut (the residual add's other input), and bottom-then-top computes exactly Keras's own call of the whole base."""
+    from finetune_ablation.augment import build_augmentation
+    from finetune_ablation.data import load_datasets
+    from finetune_ablation.diagnostics import GapMeter
+    from finetune_ablation.model import build_classifier, freeze_base, load_base, unfreeze_top
+    from finetune_ablation.passes import MeasuringPasses
+
+    cfg = make_cfg(image_dir, tracking_uri, "model.freeze_bn=false", "augment=standard")
+    data = load_datasets(cfg.data)
+    base = load_base(cfg.model, cfg.data.image_size)
+    clf = build_classifier(cfg.model, base, build_augmentation(cfg.augment, SEED), 2, cfg.data.image_size)
+    freeze_base(base)
+    phase1 = GapMeter(clf, data.train_in_order, SEED)
+    for epoch in (0, 1):
+        phase1.measure(epoch)
+    unfreeze_top(base, 100, freeze_bn=False)
+    phase2 = GapMeter(clf, data.train_in_order, SEED)
+    for epoch in (2, 3):
+        phase2.measure(epoch)
+
+    passes = MeasuringPasses.of(clf)
+    assert phase1.passes is passes and phase2.passes is passes
+    split = passes.split()
+    traced = {
+        "augment": passes.augment,
+        "features_infer": passes.features_infer,  # phase 1's training mode too: no trainable BN there
+        "head_dropout": passes.head_dropout,
+        "head_infer": passes.head_infer,
+        "bottom": split.bottom,
+        "top_train": split.train(phase2.bns),
+        "top_no_bn": split.top_no_bn,
+        "top_infer": split.top_infer,
+    }
+    assert {name: f.experimental_get_tracing_count() for name, f in traced.items()} == dict.fromkeys(traced, 1)
+    assert passes.features_no_bn.experimental_get_tracing_count() == 0  # phase 2 ran the split instead
+
+    # layer 100 (a ReLU) has no weights: the cut is at the first layer with trainable weights after it
+    assert base.layers[split.cut].name == "block_11_depthwise" and not base.layers[100].weights
+    names = sorted(t._keras_history.operation.name for t in split.frozen.bottom.outputs)
+    assert names == ["block_10_project_BN", "block_11_expand_relu"]
+    x = clf.preprocess(next(iter(data.train_in_order))[0])
+    np.testing.assert_array_equal(split.frozen.top(split.frozen.bottom(x)), base(x, training=False))

@@ -121,11 +121,12 @@ def _stderr_captured() -> Iterator[Callable[[], bytes]]:
             os.close(saved)
 
 
-def _check_decodes(path: Path) -> None:
-    """Decode with the op the pipeline uses, so a file that passes here cannot fail mid-training."""
+def _check_decodes(path: Path) -> tf.Tensor:
+    """Decode with the op the pipeline uses, so a file that passes here cannot fail mid-training; the
+    decoded image is returned, so the pipeline need not decode it again."""
     with _stderr_captured() as captured:
         try:
-            tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+            image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
             failure = None
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
             failure = decode_failure_reason(exc.message)
@@ -134,6 +135,7 @@ def _check_decodes(path: Path) -> None:
         raise UserError(f"corrupt image {path}: {failure}; delete or replace the file")
     if noise:
         os.write(2, noise)
+    return image
 
 
 def _class_files(root: Path, name: str) -> list[Path]:
@@ -146,9 +148,12 @@ def _class_files(root: Path, name: str) -> list[Path]:
     return [Path(dirpath) / f for dirpath, names in sorted(walked) for f in sorted(names) if not is_ignored(f)]
 
 
-def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
+def scan_folder(
+    directory: str | None, decoded: Callable[[ImageFile, tf.Tensor], None] | None = None
+) -> tuple[list[str], list[ImageFile]]:
     """Class names (sorted visible sub-folders) and every image, each checked to decode, in the order
-    Keras's directory loader indexes them (so the seeded split below assigns each file as Keras would)."""
+    Keras's directory loader indexes them (so the seeded split below assigns each file as Keras would).
+    ``decoded`` receives each file with its decoded pixels (to keep them: see ``DecodedImages``)."""
     if not directory:
         raise UserError(
             "data.dir is not set: pass data.dir=PATH (a folder with one sub-folder per class), or try experiment=demo"
@@ -176,8 +181,10 @@ def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
                     f"{path} is not an image Keras can read (allowed: {', '.join(IMAGE_SUFFIXES)}): "
                     "move it out of the data folder or convert it"
                 )
-            _check_decodes(path)
+            pixels = _check_decodes(path)
             files.append(ImageFile(path, path.relative_to(root).as_posix(), name, file_sha256(path)))
+            if decoded is not None:
+                decoded(files[-1], pixels)
     return class_names, files
 
 
@@ -220,21 +227,51 @@ def fingerprint(files: list[ImageFile]) -> str:
     return digest.hexdigest()
 
 
-def _load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Exactly Keras's directory loader (decode, bilinear resize), float32 pixels in [0, 255]."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+def _resized(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Keras's directory loader's resize (bilinear), float32 pixels in [0, 255]."""
     image = tf.image.resize(image, (image_size, image_size), method="bilinear")
     image.set_shape((image_size, image_size, 3))
     return image
 
 
-def _images(files: list[ImageFile], class_names: list[str], cfg: DataConfig) -> tf.data.Dataset:
+def _load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Exactly Keras's directory loader: decode, then resize."""
+    return _resized(tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False), image_size)
+
+
+class DecodedImages:
+    """The resized pixels of every scanned image, kept from the scan's decode while they fit in
+    ``budget`` bytes (a small folder, such as the course's 327 images, is then decoded once). Past the
+    budget it keeps nothing, and the pipeline reads the files itself."""
+
+    def __init__(self, image_size: int, budget: int):
+        self.image_size = image_size
+        self.budget = budget
+        self.pixels: dict[Path, tf.Tensor] | None = {}
+        self._bytes = 0
+
+    def __call__(self, file: ImageFile, image: tf.Tensor) -> None:
+        if self.pixels is None:
+            return
+        self._bytes += self.image_size**2 * 3 * 4
+        if self._bytes > self.budget:
+            self.pixels = None  # too many to hold: stream from the files
+            return
+        self.pixels[file.path] = _resized(image, self.image_size)
+
+
+IN_MEMORY_BYTES = 1 << 30  # resized float32 pixels kept from the scan: ~3400 images at 224 px
+
+
+def _images(files: list[ImageFile], class_names: list[str], cfg: DataConfig, decoded: DecodedImages) -> tf.data.Dataset:
     binary = len(class_names) == 2
     labels = [class_names.index(f.class_name) for f in files]
     label_dtype = tf.float32 if binary else tf.int32
     labels_t = tf.constant(labels, dtype=label_dtype)
     if binary:
         labels_t = tf.reshape(labels_t, (-1, 1))
+    if decoded.pixels is not None:  # decoded once, by the scan
+        return tf.data.Dataset.from_tensor_slices((tf.stack([decoded.pixels[f.path] for f in files]), labels_t))
     paths = tf.data.Dataset.from_tensor_slices([str(f.path) for f in files])
     images = paths.map(lambda p: _load_image(p, cfg.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     return tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels_t))).cache()
@@ -246,11 +283,13 @@ def load_datasets(cfg: DataConfig) -> Datasets:
         from .demo_data import ensure_demo_dataset
 
         ensure_demo_dataset(cfg.dir, cfg.synthetic_images_per_class)
-    class_names, files = scan_folder(cfg.dir)
+    decoded = DecodedImages(cfg.image_size, IN_MEMORY_BYTES)
+    class_names, files = scan_folder(cfg.dir, decoded)
     train_files, val_files = split_files(files, class_names, cfg.validation_split, cfg.seed)
 
-    train_cached = _images(train_files, class_names, cfg)
-    val_cached = _images(val_files, class_names, cfg)
+    train_cached = _images(train_files, class_names, cfg, decoded)
+    val_cached = _images(val_files, class_names, cfg, decoded)
+    decoded.pixels = None  # the datasets hold their own copies
     val = val_cached.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
     train_in_order = train_cached.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
 

@@ -22,7 +22,6 @@ split is read through its own unshuffled pipeline. See docs/gap-measurement.md."
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import keras
@@ -34,6 +33,7 @@ from .augment import augments
 from .config import DiagnosticsLevel
 from .features import why_base_varies
 from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
+from .passes import MeasuringPasses
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
 # component name -> (minuend, subtrahend), in the order the effects are removed
@@ -44,19 +44,6 @@ COMPONENTS = {
     "augmentation": ("train_clean", "no_dropout"),
     "split": ("keras_val", "train_clean"),
 }
-
-
-@contextlib.contextmanager
-def _while_tracing(bns: list[keras.layers.BatchNormalization], attribute: str, value):
-    """Set one BN attribute only while a measuring pass is traced: Keras reads it at trace time."""
-    saved = [getattr(bn, attribute) for bn in bns]
-    for bn in bns:
-        setattr(bn, attribute, value)
-    try:
-        yield
-    finally:
-        for bn, old in zip(bns, saved, strict=True):
-            setattr(bn, attribute, old)
 
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
@@ -91,81 +78,112 @@ class _Totals:
 
 
 class GapMeter:
-    """Measures the four training-split conditions for one phase (rebuild it when trainability changes:
-    the traced passes bake in which BatchNorm layers are trainable).
+    """Measures the four training-split conditions for one phase. Build one per phase, after the
+    trainable set is final: its passes (passes.MeasuringPasses, traced once per run) are picked for the
+    BatchNorm layers trainable now.
 
     ``dataset`` is the training split in order: image batches, or, with ``precomputed=True``, batches of
-    the frozen base's pooled features (``features.FrozenFeatures``), which all four conditions share."""
+    the frozen base's pooled features (``features.FrozenFeatures``), which all four conditions share.
+    When the base has a frozen bottom (phase 2), the bottom runs once per batch and only the top runs per
+    condition; the clean images' bottom activations are computed once per phase if they fit in
+    ``clean_bottom_budget`` bytes."""
+
+    clean_bottom_budget = 512 * 2**20
 
     def __init__(self, clf: Classifier, dataset: tf.data.Dataset, seed: int, precomputed: bool = False):
         self.clf = clf
         self.dataset = dataset
         self.seed = seed
         self.precomputed = precomputed
+        self.passes = MeasuringPasses.of(clf)
         self.bns = batchnorm_layers(clf.base)
         self.has_trainable_bn = any(bn.trainable for bn in self.bns)
         self.base_is_stochastic = has_random_layers(clf.base)
         self.augments = augments(clf.augmentation)
+        self._split = None if precomputed else self.passes.split()
+        # Without trainable BN and random layers, training mode computes what inference mode computes:
+        # one traced pass serves both (phase 1; phase 2 with freeze_bn=true).
+        if self.has_trainable_bn or self.base_is_stochastic:
+            self._features_train = self.passes.features_train()
+            self._top_train = self._split.train(self.bns) if self._split else None
+        else:
+            self._features_train = self.passes.features_infer
+            self._top_train = self._split.top_infer if self._split else None
         # A frozen, deterministic base maps a clean image to the same features all phase: measure once.
         self._fixed_clean = why_base_varies(clf.base) is None
         self._clean_features: list[tf.Tensor] = []
+        # and a frozen bottom maps it to the same activations all phase
+        self._clean_bottom: list[list[tf.Tensor]] = []
         self._seed_states = [
             v for layer in (clf.augmentation, clf.dropout) for v in layer.variables if "seed" in v.path
         ]
         self._dropout_seeds = [v for v in clf.dropout.variables if "seed" in v.path]
         # e.g. EfficientNet's stochastic depth: the same masks in the train_mode and no_batchnorm passes
         self._base_seeds = [v for v in clf.base.variables if "seed" in v.path]
-        # one trace per function: the batch dimension is free (the last batch is smaller)
-        size = clf.model.input_shape[1:]
-        images = {"input_signature": [tf.TensorSpec((None, *size), tf.float32)]}
-        pooled = {"input_signature": [tf.TensorSpec((None, *clf.pooled_shape), tf.float32)]}
-        self._augment = tf.function(lambda x: clf.augmentation(x, training=True), **images)
-        self._features_train = tf.function(self._trace_train, **images)
-        self._features_infer = tf.function(lambda x: clf.pooled_features(x, training=False), **images)
-        self._features_no_bn = tf.function(self._trace_no_bn, **images)
-        self._head_dropout = tf.function(lambda f: clf.head(clf.dropout(f, training=True)), **pooled)
-        self._head_infer = tf.function(lambda f: clf.head(f), **pooled)
 
-    def _trace_train(self, x):
-        """Batch statistics, but the moving ones stay as they are. A trainable BN called in training
-        mode assigns ``moving * momentum + batch * (1 - momentum)`` (also outside ``fit``); with momentum
-        1 that is the moving value itself, bit for bit, so every later pass of the loop (this batch's
-        and the next batches') reads the end-of-epoch statistics that validation reads."""
-        with _while_tracing(self.bns, "momentum", 1.0):
-            return self.clf.pooled_features(x, training=True)
+    def _whole_base(self, augmented):
+        """train_mode, no_batchnorm and no_dropout features, each pass through the whole base."""
+        passes = self.passes
+        mask_state = copy_values(self._base_seeds)
+        f_train = self._features_train(augmented)
+        if self.has_trainable_bn:
+            assign_values(self._base_seeds, mask_state)  # only BatchNorm differs between the two
+            f_no_bn = passes.features_no_bn(augmented)
+        else:
+            f_no_bn = f_train
+        f_no_drop = passes.features_infer(augmented) if self.base_is_stochastic else f_no_bn
+        return f_train, f_no_bn, f_no_drop
 
-    def _trace_no_bn(self, x):
-        """A non-trainable BN always uses its moving statistics; random layers stay in training mode."""
-        with _while_tracing(self.bns, "trainable", False):
-            return self.clf.pooled_features(x, training=True)
+    def _split_base(self, augmented):
+        """The same three, with the frozen bottom run once and only the top per condition."""
+        split = self._split
+        crossing = split.bottom(augmented)
+        mask_state = copy_values(self._base_seeds)
+        f_train = self._top_train(*crossing)
+        if self.has_trainable_bn:
+            assign_values(self._base_seeds, mask_state)
+            f_no_bn = split.top_no_bn(*crossing)
+        else:
+            f_no_bn = f_train
+        f_no_drop = split.top_infer(*crossing) if self.base_is_stochastic else f_no_bn
+        return f_train, f_no_bn, f_no_drop
+
+    def _clean(self, x, index: int, reuse: bool, computed: list) -> tf.Tensor:
+        """Inference-mode features of the clean batch, from what an earlier epoch of the phase kept."""
+        if self._fixed_clean:
+            if reuse:
+                return self._clean_features[index]
+            f_clean = self.passes.features_infer(x)
+            computed.append(f_clean)
+            return f_clean
+        if self._split is None:
+            return self.passes.features_infer(x)
+        if reuse:
+            crossing = self._clean_bottom[index]
+        else:
+            crossing = self._split.bottom(x)
+            computed.append(crossing)
+            self._kept_bytes += sum(int(t.shape.num_elements()) * t.dtype.size for t in crossing)
+            if self._kept_bytes > self.clean_bottom_budget:  # too large to keep: recompute every epoch
+                computed.clear()
+        return self._split.top_infer(*crossing)
 
     def _conditions(self):
         """Per batch: labels and the pooled features under train_mode, no_batchnorm, no_dropout, clean."""
-        reuse = bool(self._clean_features)
-        computed: list[tf.Tensor] = []
+        kept = self._clean_features if self._fixed_clean else self._clean_bottom
+        reuse = bool(kept)
+        computed: list = []
+        self._kept_bytes = 0
         for index, (x, y) in enumerate(self.dataset):
             if self.precomputed:  # a frozen, deterministic base on un-augmented images: one feature set
                 yield y, x, x, x, x
                 continue
-            augmented = self._augment(x) if self.augments else x
-            mask_state = copy_values(self._base_seeds)
-            f_train = self._features_train(augmented)
-            if self.has_trainable_bn:
-                assign_values(self._base_seeds, mask_state)  # only BatchNorm differs between the two
-                f_no_bn = self._features_no_bn(augmented)
-            else:
-                f_no_bn = f_train
-            f_no_drop = self._features_infer(augmented) if self.base_is_stochastic else f_no_bn
-            if not self.augments:
-                f_clean = f_no_drop
-            elif reuse:
-                f_clean = self._clean_features[index]
-            else:
-                f_clean = self._features_infer(x)
-                computed.append(f_clean)
+            augmented = self.passes.augment(x) if self.augments else x
+            f_train, f_no_bn, f_no_drop = (self._split_base if self._split else self._whole_base)(augmented)
+            f_clean = self._clean(x, index, reuse, computed) if self.augments else f_no_drop
             yield y, f_train, f_no_bn, f_no_drop, f_clean
-        if self._fixed_clean and not reuse:  # kept only once complete
-            self._clean_features = computed
+        if not reuse and self._kept_bytes <= self.clean_bottom_budget:  # kept only once complete
+            kept.extend(computed)
 
     def _score(self, totals: _Totals, logits: tf.Tensor, y: tf.Tensor) -> None:
         if self.clf.binary:
@@ -190,11 +208,11 @@ class GapMeter:
                 count += int(y.shape[0])
                 # the same dropout mask for both dropout-on passes, so only BatchNorm differs
                 dropout_state = copy_values(self._dropout_seeds)
-                self._score(totals["train_mode"], self._head_dropout(f_train), y)
+                self._score(totals["train_mode"], self.passes.head_dropout(f_train), y)
                 assign_values(self._dropout_seeds, dropout_state)
-                self._score(totals["no_batchnorm"], self._head_dropout(f_no_bn), y)
-                self._score(totals["no_dropout"], self._head_infer(f_no_drop), y)
-                self._score(totals["train_clean"], self._head_infer(f_clean), y)
+                self._score(totals["no_batchnorm"], self.passes.head_dropout(f_no_bn), y)
+                self._score(totals["no_dropout"], self.passes.head_infer(f_no_drop), y)
+                self._score(totals["train_clean"], self.passes.head_infer(f_clean), y)
         finally:
             assign_values(variables, saved)
         out: dict[str, float] = {}

@@ -18,6 +18,7 @@ import tensorflow as tf
 from .augment import augments
 from .data import Datasets
 from .model import Classifier, has_random_layers
+from .passes import MeasuringPasses
 
 
 def why_base_varies(base: keras.Model) -> str | None:
@@ -53,11 +54,7 @@ class FrozenFeatures:
 
 def _pooled(clf: Classifier, batches: tf.data.Dataset) -> tf.data.Dataset:
     """Run preprocess -> base -> pooling once over ``batches``; (features, label) per image, in order."""
-    size = clf.model.input_shape[1:]
-    extract = tf.function(
-        lambda x: clf.pooled_features(x, training=False),
-        input_signature=[tf.TensorSpec((None, *size), tf.float32)],
-    )
+    extract = MeasuringPasses.of(clf).features_infer  # the gap measurement's inference pass: traced once
     features, labels = [], []
     for x, y in batches:
         features.append(extract(x))

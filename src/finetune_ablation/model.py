@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -44,6 +44,9 @@ class Classifier:
     dropout: keras.layers.Dropout
     head: keras.layers.Dense
     bn_training: bool | None
+    # the gap measurement's traced passes (passes.MeasuringPasses), built on first use and living as long
+    # as the classifier: one trace per run, and nothing kept once a run's model is dropped
+    measuring_passes: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def binary(self) -> bool:

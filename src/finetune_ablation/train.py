@@ -83,6 +83,7 @@ def compile_fresh(model: keras.Model, binary: bool, learning_rate: float) -> Non
     """Always a NEW optimizer: reusing the one built for another trainable set raises in Keras 3."""
     loss, accuracy = loss_and_accuracy(binary)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
+    model.optimizer.build(model.trainable_variables)
 
 
 def _log_data(data: Datasets) -> None:
