@@ -201,5 +201,5 @@ def test_many_numeric_levels_are_binned():
 
 def test_report_names_the_same_components_and_tags_as_the_training():
     assert tuple(COMPONENTS) == report.GAP_COMPONENTS
-    train_source = Path(sys.modules["finetune_ablation.cli"].__file__).with_name("train.py").read_text()
-    assert f'"{rd.WEIGHTS_TAG}"' in train_source and '"data.count.' in train_source
+    train_source = Path(sys.modules["finetune_ablation.record"].__file__).with_name("train.py").read_text()
+    assert "rec.WEIGHTS_DIGEST_TAG" in train_source and "rec.DATA_COUNT_PARAM_PREFIX" in train_source

@@ -15,27 +15,20 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from . import record as rec
 from .config import register_configs, validate
 from .errors import UserError
-from .paths import CONF_DIR, EXPERIMENTS_DIR
+from .paths import CONF_DIR
 
 if TYPE_CHECKING:  # mlflow is imported where a job runs, keeping --help and --cfg fast
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
 log = logging.getLogger("finetune_ablation")
-
-
-def register_experiments() -> None:
-    """Every ``experiments/NAME.yaml`` becomes the option ``experiment=NAME`` (package ``_global_``)."""
-    store = ConfigStore.instance()
-    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
-        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
 def _in_multirun() -> bool:
@@ -47,9 +40,9 @@ def _hydra_tags() -> dict[str, str]:
         return {}
     hc = HydraConfig.get()
     return {
-        "hydra.overrides": " ".join(hc.overrides.task)[:5000],
-        "hydra.output_dir": str(hc.runtime.output_dir),
-        "hydra.job": f"{hc.job.name}#{hc.job.num}" if _in_multirun() else hc.job.name,
+        rec.HYDRA_OVERRIDES_TAG: rec.format_overrides(list(hc.overrides.task)),
+        rec.HYDRA_OUTPUT_DIR_TAG: str(hc.runtime.output_dir),
+        rec.HYDRA_JOB_TAG: f"{hc.job.name}#{hc.job.num}" if _in_multirun() else hc.job.name,
     }
 
 
@@ -57,9 +50,9 @@ def _log_hydra_files() -> None:
     if HydraConfig.initialized():
         import mlflow
 
-        hydra_dir = os.path.join(HydraConfig.get().runtime.output_dir, ".hydra")
+        hydra_dir = os.path.join(HydraConfig.get().runtime.output_dir, rec.HYDRA_DIR)
         if os.path.isdir(hydra_dir):
-            mlflow.log_artifacts(hydra_dir, ".hydra")
+            mlflow.log_artifacts(hydra_dir, rec.HYDRA_DIR)
 
 
 def _parallel_jobs() -> int:
@@ -81,11 +74,9 @@ def _threads(cfg: DictConfig) -> int | None:
 
 def _reuse(client: MlflowClient, done: Run, parent_id: str | None) -> float | None:
     """Resume: an identical FINISHED run exists (resume.decide), so train nothing and return its result."""
-    from .sweep import REUSED_TAG
-
     if parent_id:
-        client.set_tag(done.info.run_id, REUSED_TAG, parent_id)
-    return done.data.metrics.get("val_accuracy")
+        client.set_tag(done.info.run_id, rec.REUSED_TAG, parent_id)
+    return done.data.metrics.get(rec.VAL_ACCURACY)
 
 
 def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float | None:
@@ -123,7 +114,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         sweep_dir = str(Path(HydraConfig.get().sweep.dir).resolve())
         parent = sweep.find_parent_run(client, experiment_id, sweep_dir)
         parent_id = parent.info.run_id if parent else None
-        tags[sweep.DIR_TAG] = sweep_dir
+        tags[rec.SWEEP_DIR_TAG] = sweep_dir
         if cfg.resume:
             decision = resume.decide(client, experiment_id, cfg, tags)
             if decision.reason:
@@ -169,10 +160,6 @@ def _fail(exc: UserError, run_id: str | None = None) -> None:
     sys.exit(2)
 
 
-register_configs()
-register_experiments()
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     return run_job(cfg)
@@ -214,6 +201,7 @@ def main() -> None:
 
     from . import liveness
 
+    register_configs()
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's config errors reach us instead of printing them
     try:

@@ -245,9 +245,9 @@ class OptunaSweeperImpl(Sweeper):
         return f"{prefix}-{short_hash(self._fixed_config_hash(space), space.fingerprint())}"
 
     def _fixed_config_hash(self, space: SearchSpace) -> str:
-        """The suite's config hash (``tracking.config_hash``: what a run computes, not where it is
+        """The suite's config hash (``sweeper_api.config_hash``: what a run computes, not where it is
         recorded) of the job config every trial shares: fixed overrides applied, searched keys removed."""
-        from finetune_ablation.tracking import config_hash
+        from finetune_ablation.sweeper_api import config_hash
 
         assert self.hydra_context is not None and self.config is not None
         job = self.hydra_context.config_loader.load_sweep_config(self.config, list(space.fixed))
