@@ -33,6 +33,7 @@ from .config import CacheConfig, Role, schema_of, without_roles
 from .fingerprints import code_sha256, file_sha256, weights_file
 from .model import assign_values, copy_values
 from .paths import MLRUNS_DIR
+from .record import MAX_TAG_LENGTH, PHASE1_CACHE_WARNING_TAG
 from .tracking import package_versions
 
 log = logging.getLogger("finetune_ablation")
@@ -177,7 +178,7 @@ class Phase1Cache:
         message = f"phase-1 cache entry {key} was bad ({reason}): removed and recomputed"
         log.warning(message)
         if mlflow.active_run() is not None:
-            mlflow.set_tag("phase1_cache_warning", message[:5000])
+            mlflow.set_tag(PHASE1_CACHE_WARNING_TAG, message[:MAX_TAG_LENGTH])
         shutil.rmtree(entry, ignore_errors=True)
         return None
 

@@ -42,6 +42,7 @@ MODEL_URI_TAG = "model.uri"
 FEATURE_CACHE_TAG = "feature_cache"  # on | off | not used: <reason>
 PHASE1_CACHE_TAG = "phase1_cache"  # hit | miss | off
 PHASE1_CACHE_KEY_TAG = "phase1_cache_key"
+PHASE1_CACHE_WARNING_TAG = "phase1_cache_warning"  # a bad cache entry was removed and recomputed
 AT_CHANCE_TAG = "gap.at_chance"  # true | false
 TIMING_TAG_PREFIX = "timing."  # timing.<phase>_seconds
 ERROR_TAG = "error"  # the suite's one tag for why a run did not finish
