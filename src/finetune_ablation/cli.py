@@ -192,7 +192,7 @@ def _config_error_line(exc: BaseException) -> str:
 def main() -> None:
     """Console-script entry point (``ablate``).
 
-    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, sweep.py) or a bug
+    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, run/parent_run.py) or a bug
     (traceback); 2 bad input: a config Hydra cannot compose (unknown group option, misspelt key, wrong
     type, bad override or search grammar, bad sweeper setting) or a bad value or store (one
     ``error: ...`` line, no traceback). ``HYDRA_FULL_ERROR=1`` shows Hydra's full message instead."""

@@ -17,7 +17,7 @@ MAX_TAG_LENGTH = 5000  # what the suite keeps of a long tag value (errors, comma
 MAX_RUN_NAME_LENGTH = 250
 
 # ---------------------------------------------------------------------------------------------------
-# Tags every run carries from its start: identity (resume.py) and where it came from
+# Tags every run carries from its start: identity (run/resume.py) and where it came from
 
 CONFIG_HASH_TAG = "config_hash"  # tracking.config_hash: the config without recording-only keys
 CODE_TAG = "code.sha256"  # a hash of the package's source

@@ -6,8 +6,8 @@
 Reads the runs with ``mlflow.search_runs`` (so it works on a remote tracking server too), leaves out
 failed, pruned and running runs (and says how many), merges copies into distinct runs, and writes
 Markdown, CSV and PNG into ``--out``; a sweep's parent run gets the same files as artifacts under
-``report/``. The statistics live in ``report_stats``, what counts as evidence in ``report_design``, the
-wording in ``report_text``, the figures in ``report_plots`` (docs/report.md explains every rule)."""
+``report/``. The statistics live in ``stats``, what counts as evidence in ``design``, the wording in
+``text``, the figures in ``plots`` (modules of this package) (docs/report.md explains every rule)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from scipy import stats
 from .record import VAL_COUNT_PARAM_PREFIX, WEIGHTS_DIGEST_TAG
 from .report_stats import CONFIDENCE, REPLICATE_KEYS, Factor, is_config_param, param_values, summarize
 
-# What each replicate seed changes (data.py, train.py): the reader's "which noise does an interval cover".
+# What each replicate seed changes (run/data.py, run/train.py): the reader's "which noise does an interval cover".
 SEED_MEANING = {
     "seed": "weight initialisation, dropout masks and augmentation",
     "data.seed": "which images are in the validation split, and the shuffle order",

@@ -1,6 +1,6 @@
 """The Markdown of ``ablate-report``: the first lines (which runs count, the replicate design, runs at
 chance), one table per factor, and the gap verdicts. Pure string building from the tables that
-``report_stats`` and ``report_design`` compute, so the wording lives in one place."""
+``stats`` and ``design`` compute, so the wording lives in one place."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     ablate-reproduce 3f2c...  [--tracking-uri URI] [--tolerance 0] [--allow-data-change]
 
-The config is the run's own logged ``config.yaml``, checked as untrusted input (``reproduce_config``)
+The config is the run's own logged ``config.yaml``, checked as untrusted input (``rebuild``)
 and cross-checked against today's ``conf/`` with the run's Hydra overrides. A different dataset stops
 the reproduction (the numbers could not be compared); a different git commit or package versions are
 warnings. The new run is tagged ``reproduced_from=RUN_ID`` and gets ``reproduce/max_abs_diff``; the

@@ -6,7 +6,7 @@ same images (``data.fingerprint``: relative paths and contents, so new images un
 ``data.dir``, or another user's folder at the same path on a shared server, are never reused), the
 same code (a hash of the package's source; the git commit is logged beside it to say what changed),
 the same package versions and, when ``model.weights`` is a file, the same file content. These are the
-phase-1 cache's inputs (cache.py ``phase1_key``). Reproductions (``ablate-reproduce``) and pruned
+phase-1 cache's inputs (phase1_cache.py ``phase1_key``). Reproductions (``ablate-reproduce``) and pruned
 Optuna trials never stand in for a job. Every decision is one log line that says why."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def identity_tags(cfg: DictConfig) -> dict[str, str]:
 
 
 def data_fingerprint(cfg: DictConfig) -> str | None:
-    """The fingerprint train.py will log for these images (None when the folder cannot be read:
+    """The fingerprint the training will log for these images (None when the folder cannot be read:
     the job then fails on it with its own error line)."""
     from .data import fingerprint, scan_folder
 
