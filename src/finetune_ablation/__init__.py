@@ -1,5 +1,6 @@
-"""finetune-ablation: transfer learning with Keras, configured and swept by Hydra, recorded by MLflow,
-searched by Optuna. Three applications share one run record:
+"""finetune-ablation: measure, don't guess, what fine-tuning a Keras image base really does.
+
+Three applications share one run record:
 
 - ``cli`` (``ablate``) and ``run/``: one job = one two-phase fine-tuning run recorded as one MLflow run;
   a multirun groups its runs under an MLflow parent (``run.parent_run``).
@@ -10,3 +11,5 @@ Shared by all three: ``record`` (every name of the run record), ``config`` (the 
 role), ``tracking``/``store``/``runstore`` (MLflow plumbing), ``liveness``/``reaper`` (runs whose process
 died), ``console``, ``paths``, ``errors``, ``fingerprints``. ``sweeper_api`` is the Optuna plugin's one
 door into the app; ``pretrain``/``demo_data``/``bases`` make the offline demo."""
+
+__version__ = "0.1.0"
