@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from finetune_ablation.train import train_and_log
+from finetune_ablation.run.train import train_and_log
 
 from .conftest import make_cfg
 

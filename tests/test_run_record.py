@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune_ablation import record as rec
-from finetune_ablation.cache import phase1_key
 from finetune_ablation.config import PHASE2, Config, ModelConfig, Role, TrainConfig, replicate_keys, role_of
+from finetune_ablation.run.phase1_cache import phase1_key
 from finetune_ablation.tracking import config_hash
 
 

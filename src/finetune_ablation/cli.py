@@ -90,7 +90,8 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     console.quiet_startup()  # before anything imports TensorFlow
     import mlflow
 
-    from . import liveness, reaper, resume, sweep, tracking
+    from . import liveness, reaper, tracking
+    from .run import parent_run, resume
 
     try:
         uri = tracking.resolve_uri(cfg.tracking)
@@ -99,8 +100,8 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     except UserError as exc:
         return _fail(exc)
     reaper.reap_once(client, uri)  # runs left RUNNING by killed processes become KILLED
-    from .train import limit_tf_threads, train_and_log  # TensorFlow: only once the store answers
-    from .trial import trial_callbacks, trial_tags
+    from .run.optuna_trial import trial_callbacks, trial_tags
+    from .run.train import limit_tf_threads, train_and_log  # TensorFlow: only once the store answers
 
     tags = {
         **resume.identity_tags(cfg),
@@ -112,7 +113,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     parent_id = None
     if _in_multirun():
         sweep_dir = str(Path(HydraConfig.get().sweep.dir).resolve())
-        parent = sweep.find_parent_run(client, experiment_id, sweep_dir)
+        parent = parent_run.find_parent_run(client, experiment_id, sweep_dir)
         parent_id = parent.info.run_id if parent else None
         tags[rec.SWEEP_DIR_TAG] = sweep_dir
         if cfg.resume:

@@ -39,7 +39,7 @@ def parent_run(config: DictConfig) -> tuple[mlflow.MlflowClient, str] | None:
         return None
     import mlflow
 
-    from .sweep import find_parent_run, sweep_dir_of
+    from .run.parent_run import find_parent_run, sweep_dir_of
     from .tracking import resolve_uri
 
     client = mlflow.MlflowClient(resolve_uri(config.tracking))

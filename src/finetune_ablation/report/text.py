@@ -8,10 +8,10 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from . import record as rec
-from . import report_design as rd
-from . import report_stats as rs
-from .record import VAL_ACCURACY
+from .. import record as rec
+from ..record import VAL_ACCURACY
+from . import design as rd
+from . import stats as rs
 
 SIGNED = {m for m in rec.STUDY_METRICS if m.startswith(rec.GAP_PREFIX)}
 _MEANING = {

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import keras
 
-from . import record as rec
-from .console import print_epoch
+from .. import record as rec
+from ..console import print_epoch
 from .recorder import Recorder
 
 

@@ -27,11 +27,11 @@ from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import record as rec
-from .config import NOT_HASHED, Config, register_configs, role_of, validate
-from .errors import UserError
-from .paths import CONF_DIR
-from .tracking import flatten
+from .. import record as rec
+from ..config import NOT_HASHED, Config, register_configs, role_of, validate
+from ..errors import UserError
+from ..paths import CONF_DIR
+from ..tracking import flatten
 
 # Keys that make hydra.utils.instantiate import and call code.
 INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import record as rec
+from .. import record as rec
 
 if TYPE_CHECKING:
     import keras
@@ -96,7 +96,7 @@ class MlflowRecorder:
 
     def model(self, model: keras.Model) -> None:
         """MLflow's Keras flavor, loadable from ``runs:/<run id>/model`` (load it after ``import
-        finetune_ablation.model``, which registers the custom ``Preprocess`` layer). Requirements are
+        finetune_ablation.run.model``, which registers the custom ``Preprocess`` layer). Requirements are
         pinned from this environment: MLflow's inference would re-import the model in a subprocess."""
         from importlib.metadata import version
 

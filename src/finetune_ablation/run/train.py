@@ -19,14 +19,13 @@ import pandas as pd
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from . import record as rec
+from .. import record as rec
+from ..config import DiagnosticsLevel
 from .augment import build_augmentation
-from .cache import Phase1Cache, Phase1State, cache_dir, phase1_key
-from .config import DiagnosticsLevel
 from .data import Datasets, load_datasets
 from .diagnostics import GapDiagnostics, GapMeter, chance_warning, gap_summary, majority_rate
 from .epoch_logger import EpochLogger
-from .features import FrozenFeatures, extract_features, why_not_cacheable
+from .feature_cache import FrozenFeatures, extract_features, why_not_cacheable
 from .model import (
     Classifier,
     bn_moving_stats,
@@ -40,6 +39,7 @@ from .model import (
     trainable_summary,
     unfreeze_top,
 )
+from .phase1_cache import Phase1Cache, Phase1State, cache_dir, phase1_key
 from .plots import gap_chart, learning_curves
 from .recorder import MlflowRecorder, Recorder
 

@@ -18,10 +18,10 @@ import mlflow
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from . import tracking
-from .errors import UserError
-from .fingerprints import code_sha256, file_sha256, weights_file
-from .record import (
+from .. import tracking
+from ..errors import UserError
+from ..fingerprints import code_sha256, file_sha256, weights_file
+from ..record import (
     CODE_TAG,
     CONFIG_HASH_TAG,
     DATA_FINGERPRINT_TAG,
@@ -66,7 +66,7 @@ def data_fingerprint(cfg: DictConfig) -> str | None:
 
     try:
         if cfg.data.synthetic:
-            from .demo_data import ensure_demo_dataset
+            from ..demo_data import ensure_demo_dataset
 
             ensure_demo_dataset(cfg.data.dir, cfg.data.synthetic_images_per_class)
         return fingerprint(scan_folder(cfg.data.dir)[1])

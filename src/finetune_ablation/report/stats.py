@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pandas as pd
 from scipy import stats
 
-from . import record as rec
-from .config import COMPUTING, replicate_keys, role_of
+from .. import record as rec
+from ..config import COMPUTING, replicate_keys, role_of
 
 CONFIDENCE = 0.95
 NOT_LOGGED = "(not logged)"

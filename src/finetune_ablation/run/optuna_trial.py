@@ -25,7 +25,7 @@ from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import (
     open_storage,
 )
 
-from . import record as rec
+from .. import record as rec
 
 if TYPE_CHECKING:
     import optuna

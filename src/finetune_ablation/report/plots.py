@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from .record import ACCURACY, TRAIN_CLEAN_ACCURACY, VAL_ACCURACY
+from ..record import ACCURACY, TRAIN_CLEAN_ACCURACY, VAL_ACCURACY
 
 MAIN_EFFECT_METRICS = (VAL_ACCURACY, ACCURACY, TRAIN_CLEAN_ACCURACY)
 _STYLE = {VAL_ACCURACY: "-^", ACCURACY: "-o", TRAIN_CLEAN_ACCURACY: "--s"}

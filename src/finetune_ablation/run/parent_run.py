@@ -21,10 +21,10 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from . import console, liveness, reaper, tracking
-from . import record as rec
-from .config import COMPUTING, role_of
-from .errors import UserError
+from .. import console, liveness, reaper, tracking
+from .. import record as rec
+from ..config import COMPUTING, role_of
+from ..errors import UserError
 
 log = logging.getLogger("finetune_ablation")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pandas as pd
 from scipy import stats
 
-from .record import VAL_COUNT_PARAM_PREFIX, WEIGHTS_DIGEST_TAG
-from .report_stats import CONFIDENCE, REPLICATE_KEYS, Factor, is_config_param, param_values, summarize
+from ..record import VAL_COUNT_PARAM_PREFIX, WEIGHTS_DIGEST_TAG
+from .stats import CONFIDENCE, REPLICATE_KEYS, Factor, is_config_param, param_values, summarize
 
 # What each replicate seed changes (run/data.py, run/train.py): the reader's "which noise does an interval cover".
 SEED_MEANING = {

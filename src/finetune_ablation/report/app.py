@@ -19,15 +19,11 @@ import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 
-from . import record as rec
-from . import report_design as rd
-from . import report_plots as plots
-from . import report_stats as rs
-from . import report_text as text
-from .errors import UserError
-from .paths import CONF_DIR
-from .reaper import reap_once
-from .record import (
+from .. import record as rec
+from ..errors import UserError
+from ..paths import CONF_DIR
+from ..reaper import reap_once
+from ..record import (
     CURVE_METRICS,
     GAP_COMPONENTS,
     GAP_PREFIX,
@@ -37,8 +33,11 @@ from .record import (
     REUSED_TAG,
     VAL_ACCURACY,
 )
-from .record import STUDY_METRICS as METRICS
-from .runstore import default_uri, get_run, open_store, run_cli
+from ..record import STUDY_METRICS as METRICS
+from ..runstore import default_uri, get_run, open_store, run_cli
+from . import design as rd
+from . import plots, text
+from . import stats as rs
 
 
 @dataclass(frozen=True)

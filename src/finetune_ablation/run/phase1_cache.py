@@ -29,12 +29,12 @@ import numpy as np
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from .config import CacheConfig, Role, schema_of, without_roles
-from .fingerprints import code_sha256, file_sha256, weights_file
+from ..config import CacheConfig, Role, schema_of, without_roles
+from ..fingerprints import code_sha256, file_sha256, weights_file
+from ..paths import MLRUNS_DIR
+from ..record import MAX_TAG_LENGTH, PHASE1_CACHE_WARNING_TAG
+from ..tracking import package_versions
 from .model import assign_values, copy_values
-from .paths import MLRUNS_DIR
-from .record import MAX_TAG_LENGTH, PHASE1_CACHE_WARNING_TAG
-from .tracking import package_versions
 
 log = logging.getLogger("finetune_ablation")
 

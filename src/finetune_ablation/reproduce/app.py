@@ -27,11 +27,11 @@ import pandas as pd
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
-from . import record as rec
-from . import tracking
-from .errors import UserError
-from .reproduce_config import rebuild
-from .runstore import default_uri, get_run, open_store, run_cli
+from .. import record as rec
+from .. import tracking
+from ..errors import UserError
+from ..runstore import default_uri, get_run, open_store, run_cli
+from .rebuild import rebuild
 
 # written by the reproduction / wall-clock system metrics
 _NOT_COMPARED = (rec.REPRODUCE_METRIC_PREFIX, rec.SYSTEM_METRIC_PREFIX)
@@ -74,7 +74,7 @@ def check_reproducible(run: Run) -> None:
 def check_data(cfg: DictConfig, run: Run, allow_change: bool) -> list[str]:
     """Recompute the dataset fingerprint the way the run computed it; a change stops the reproduction
     unless allowed."""
-    from .data import load_datasets  # TensorFlow: only once the config passed every check
+    from ..run.data import load_datasets  # TensorFlow: only once the config passed every check
 
     logged = run.data.tags.get(rec.DATA_FINGERPRINT_TAG)
     try:
@@ -211,7 +211,7 @@ def _warn(lines: list[str]) -> None:
 
 def _run_again(cfg: DictConfig, run_id: str) -> str:
     """Train through the same entry point as ``ablate`` and return the new run's id."""
-    from .cli import run_job
+    from ..cli import run_job
 
     run_job(cfg, extra_tags={rec.REPRODUCED_TAG: run_id})  # a bad input exits 2 with its own error line
     new = mlflow.last_active_run()
@@ -236,7 +236,7 @@ def reproduce(args: argparse.Namespace) -> int:
         ]
     )
     _warn(environment_warnings(run))
-    from .train import limit_tf_threads  # before check_data starts TF's runtime, or the run's pools are lost
+    from ..run.train import limit_tf_threads  # before check_data starts TF's runtime, or the run's pools are lost
 
     limit_tf_threads(rebuilt.cfg.threads)
     experiment = client.get_experiment(run.info.experiment_id).name
