@@ -172,11 +172,11 @@ def ceiling_throughput(bench: Bench) -> dict[str, float]:
     """images/s of raw Keras on in-memory arrays: the same model's ``fit`` per phase and ``base.predict``."""
     import numpy as np
 
-    from finetune_ablation.augment import build_augmentation
     from finetune_ablation.config import AugmentConfig, DataConfig, ModelConfig
-    from finetune_ablation.data import load_datasets
-    from finetune_ablation.model import build_classifier, freeze_base, load_base, unfreeze_top
-    from finetune_ablation.train import compile_fresh, seed_everything
+    from finetune_ablation.run.augment import build_augmentation
+    from finetune_ablation.run.data import load_datasets
+    from finetune_ablation.run.model import build_classifier, freeze_base, load_base, unfreeze_top
+    from finetune_ablation.run.train import compile_fresh, seed_everything
 
     s = bench.sizes
     seed_everything(42)

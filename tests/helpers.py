@@ -19,9 +19,11 @@ import mlflow
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from finetune_ablation import cli  # noqa: F401  (registers the schema and experiments)
+from finetune_ablation.config import register_configs
 from finetune_ablation.paths import CONF_DIR
 from finetune_ablation.store import ensure_created
+
+register_configs()  # the schema and the experiment group, for every test that composes conf/
 
 # Small and fast, but the real pipeline: a random-init MobileNetV2 at its minimum input size.
 FAST = [

@@ -124,7 +124,7 @@ def test_hidden_files_and_folders_are_ignored(tracking_uri, own_image_dir):
     (own_image_dir / "alpaca" / ".DS_Store").write_bytes(b"\0\0junk")
     (own_image_dir / "alpaca" / "._alpaca_000.jpg").write_bytes(b"\0\x05\x16\x07 Mac OS X")
     (own_image_dir / ".ipynb_checkpoints").mkdir()
-    from finetune_ablation.data import scan_folder
+    from finetune_ablation.run.data import scan_folder
 
     classes, files = scan_folder(str(own_image_dir))
     assert classes == ["alpaca", "not_alpaca"] and len(files) == 40

@@ -137,10 +137,10 @@ def test_feature_cache_is_not_used_when_features_change_every_epoch(image_dir, t
 
 def test_random_layers_inside_a_base_rule_the_feature_cache_out():
     """EfficientNet's stochastic depth draws new masks in training mode even in a frozen base."""
-    from finetune_ablation.augment import build_augmentation
     from finetune_ablation.config import AugmentConfig, ModelConfig
-    from finetune_ablation.features import why_not_cacheable
-    from finetune_ablation.model import build_classifier, freeze_base, load_base
+    from finetune_ablation.run.augment import build_augmentation
+    from finetune_ablation.run.feature_cache import why_not_cacheable
+    from finetune_ablation.run.model import build_classifier, freeze_base, load_base
 
     no_augment = AugmentConfig(flip=None, rotation=0.0)
     for name, architecture, expected in (

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from filelock import FileLock, Timeout
 
-from finetune_ablation.cache import CHECKSUMS, Phase1Cache, Phase1State
 from finetune_ablation.cli import run_job
+from finetune_ablation.run.phase1_cache import CHECKSUMS, Phase1Cache, Phase1State
 
 from .helpers import history, make_cfg, runs
 
@@ -90,7 +90,7 @@ _WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np
-    from finetune_ablation import cache as c
+    from finetune_ablation.run import phase1_cache as c
 
     real_write = c._write_synced
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from finetune_ablation.cli import run_job
-from finetune_ablation.diagnostics import wilson_interval
+from finetune_ablation.run.diagnostics import wilson_interval
 
 from .helpers import artifact_path, history, make_cfg, new_store, runs
 from .test_measurement import independent_passes, read_split
@@ -143,7 +143,7 @@ def test_logged_model_reproduces_the_last_epoch(store, image_dir):
     """The model logged with MLflow's Keras flavor, loaded back from runs:/<id>/model and run on both
     splits as Keras's own loader splits the folder, gives the last epoch's val and train_clean numbers,
     and so the ends of the decomposition: gap/split and gap/total (against Keras's training accuracy)."""
-    from finetune_ablation.model import Preprocess
+    from finetune_ablation.run.model import Preprocess
 
     uri, ids = store
     run = _run(store, "default")

@@ -11,10 +11,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune_ablation.config import DataConfig, ModelConfig
-from finetune_ablation.data import decode_failure_reason, load_datasets, scan_folder
 from finetune_ablation.errors import UserError
-from finetune_ablation.model import load_base
-from finetune_ablation.train import loss_and_accuracy
+from finetune_ablation.run.data import decode_failure_reason, load_datasets, scan_folder
+from finetune_ablation.run.model import load_base
+from finetune_ablation.run.train import loss_and_accuracy
 
 
 def _data_cfg(directory, **kw) -> DataConfig:
@@ -128,7 +128,7 @@ def test_cross_split_duplicates_are_counted(own_image_dir):
 
 def test_fingerprint_changes_with_content_not_with_scan_order(own_image_dir):
     _, files = scan_folder(str(own_image_dir))
-    from finetune_ablation.data import fingerprint
+    from finetune_ablation.run.data import fingerprint
 
     before = fingerprint(files)
     assert fingerprint(list(reversed(files))) == before
@@ -188,7 +188,7 @@ def test_unknown_base_module_is_refused():
 
 
 def test_fine_tune_at_accepts_index_name_and_beyond_the_end():
-    from finetune_ablation.model import freeze_base, resolve_fine_tune_at, unfreeze_top
+    from finetune_ablation.run.model import freeze_base, resolve_fine_tune_at, unfreeze_top
 
     base = load_base(_model_cfg(weights=None), 32)
     assert len(base.layers) == 154  # Keras 3 MobileNetV2 (tf.keras 2 had 155)

@@ -17,8 +17,8 @@ from scipy.stats import binomtest
 
 from finetune_ablation.demo_data import write_image_folder
 from finetune_ablation.errors import UserError
-from finetune_ablation.model import load_base
 from finetune_ablation.pretrain import BASES_DIR, CARD_NAME, FULL, QUICK, SOURCE_CLASSES, WEIGHTS_NAME, pretrain
+from finetune_ablation.run.model import load_base
 
 from .helpers import make_cfg, new_store, runs
 

@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from finetune_ablation.train import train_and_log
+from finetune_ablation.run.train import train_and_log
 
 from .helpers import make_cfg
 
@@ -192,11 +192,11 @@ def test_measuring_passes_are_traced_once_per_run_and_the_cut_is_exact(image_dir
     except the training-mode pass, which depends on which BatchNorm layers are trainable. In phase 2
     the base is cut below its first trainable layer; at MobileNetV2's layer 100 two tensors cross the
     cut (the residual add's other input), and bottom-then-top computes exactly Keras's own call of the whole base."""
-    from finetune_ablation.augment import build_augmentation
-    from finetune_ablation.data import load_datasets
-    from finetune_ablation.diagnostics import GapMeter
-    from finetune_ablation.model import build_classifier, freeze_base, load_base, unfreeze_top
-    from finetune_ablation.passes import MeasuringPasses
+    from finetune_ablation.run.augment import build_augmentation
+    from finetune_ablation.run.data import load_datasets
+    from finetune_ablation.run.diagnostics import GapMeter
+    from finetune_ablation.run.model import build_classifier, freeze_base, load_base, unfreeze_top
+    from finetune_ablation.run.passes import MeasuringPasses
 
     cfg = make_cfg(image_dir, tracking_uri, "model.freeze_bn=false", "augment=standard")
     data = load_datasets(cfg.data)

@@ -123,7 +123,7 @@ def test_handoff_reaches_the_job_config(tracking_uri):
 
 
 def test_no_handoff_outside_a_sweep(tracking_uri):
-    from finetune_ablation.trial import trial_callbacks, trial_tags
+    from finetune_ablation.run.optuna_trial import trial_callbacks, trial_tags
 
     cfg = make_cfg(None, tracking_uri)
     assert trial_tags(cfg) == {} and trial_callbacks(cfg) == []

@@ -14,10 +14,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from finetune_ablation import report, report_plots
-from finetune_ablation import report_design as rd
-from finetune_ablation import report_stats as rs
-from finetune_ablation.diagnostics import COMPONENTS
+from finetune_ablation.report import app as report
+from finetune_ablation.report import design as rd
+from finetune_ablation.report import plots as report_plots
+from finetune_ablation.report import stats as rs
+from finetune_ablation.run.diagnostics import COMPONENTS
 
 from .test_report import TOL, _wilson_by_hand
 
@@ -201,5 +202,5 @@ def test_many_numeric_levels_are_binned():
 
 def test_report_names_the_same_components_and_tags_as_the_training():
     assert tuple(COMPONENTS) == report.GAP_COMPONENTS
-    train_source = Path(sys.modules["finetune_ablation.cli"].__file__).with_name("train.py").read_text()
-    assert f'"{rd.WEIGHTS_TAG}"' in train_source and '"data.count.' in train_source
+    train_source = (Path(sys.modules["finetune_ablation.record"].__file__).parent / "run" / "train.py").read_text()
+    assert "rec.WEIGHTS_DIGEST_TAG" in train_source and "rec.DATA_COUNT_PARAM_PREFIX" in train_source

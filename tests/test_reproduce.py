@@ -19,8 +19,8 @@ import mlflow
 import pytest
 import yaml
 
-from finetune_ablation import reproduce
-from finetune_ablation.reproduce_config import (
+from finetune_ablation.reproduce import app as reproduce
+from finetune_ablation.reproduce.rebuild import (
     check_overrides,
     check_untrusted,
     drop_sweep_handoff,

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from finetune_ablation import resume
 from finetune_ablation.paths import EXPERIMENTS_DIR
-from finetune_ablation.sweep import find_parent_run, tag_filter
+from finetune_ablation.run import resume
+from finetune_ablation.run.parent_run import find_parent_run, tag_filter
 from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import encode_value
 
 from .helpers import FAST, make_cfg, new_store, run_ablate, runs

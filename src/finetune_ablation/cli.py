@@ -15,27 +15,20 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from . import record as rec
 from .config import register_configs, validate
 from .errors import UserError
-from .paths import CONF_DIR, EXPERIMENTS_DIR
+from .paths import CONF_DIR
 
 if TYPE_CHECKING:  # mlflow is imported where a job runs, keeping --help and --cfg fast
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
 log = logging.getLogger("finetune_ablation")
-
-
-def register_experiments() -> None:
-    """Every ``experiments/NAME.yaml`` becomes the option ``experiment=NAME`` (package ``_global_``)."""
-    store = ConfigStore.instance()
-    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
-        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
 def _in_multirun() -> bool:
@@ -47,9 +40,9 @@ def _hydra_tags() -> dict[str, str]:
         return {}
     hc = HydraConfig.get()
     return {
-        "hydra.overrides": " ".join(hc.overrides.task)[:5000],
-        "hydra.output_dir": str(hc.runtime.output_dir),
-        "hydra.job": f"{hc.job.name}#{hc.job.num}" if _in_multirun() else hc.job.name,
+        rec.HYDRA_OVERRIDES_TAG: rec.format_overrides(list(hc.overrides.task)),
+        rec.HYDRA_OUTPUT_DIR_TAG: str(hc.runtime.output_dir),
+        rec.HYDRA_JOB_TAG: f"{hc.job.name}#{hc.job.num}" if _in_multirun() else hc.job.name,
     }
 
 
@@ -57,9 +50,9 @@ def _log_hydra_files() -> None:
     if HydraConfig.initialized():
         import mlflow
 
-        hydra_dir = os.path.join(HydraConfig.get().runtime.output_dir, ".hydra")
+        hydra_dir = os.path.join(HydraConfig.get().runtime.output_dir, rec.HYDRA_DIR)
         if os.path.isdir(hydra_dir):
-            mlflow.log_artifacts(hydra_dir, ".hydra")
+            mlflow.log_artifacts(hydra_dir, rec.HYDRA_DIR)
 
 
 def _parallel_jobs() -> int:
@@ -81,11 +74,9 @@ def _threads(cfg: DictConfig) -> int | None:
 
 def _reuse(client: MlflowClient, done: Run, parent_id: str | None) -> float | None:
     """Resume: an identical FINISHED run exists (resume.decide), so train nothing and return its result."""
-    from .sweep import REUSED_TAG
-
     if parent_id:
-        client.set_tag(done.info.run_id, REUSED_TAG, parent_id)
-    return done.data.metrics.get("val_accuracy")
+        client.set_tag(done.info.run_id, rec.REUSED_TAG, parent_id)
+    return done.data.metrics.get(rec.VAL_ACCURACY)
 
 
 def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float | None:
@@ -99,7 +90,8 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     console.quiet_startup()  # before anything imports TensorFlow
     import mlflow
 
-    from . import liveness, reaper, resume, sweep, tracking
+    from . import liveness, reaper, tracking
+    from .run import parent_run, resume
 
     try:
         uri = tracking.resolve_uri(cfg.tracking)
@@ -108,8 +100,8 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     except UserError as exc:
         return _fail(exc)
     reaper.reap_once(client, uri)  # runs left RUNNING by killed processes become KILLED
-    from .train import limit_tf_threads, train_and_log  # TensorFlow: only once the store answers
-    from .trial import trial_callbacks, trial_tags
+    from .run.optuna_trial import trial_callbacks, trial_tags
+    from .run.train import limit_tf_threads, train_and_log  # TensorFlow: only once the store answers
 
     tags = {
         **resume.identity_tags(cfg),
@@ -121,9 +113,9 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     parent_id = None
     if _in_multirun():
         sweep_dir = str(Path(HydraConfig.get().sweep.dir).resolve())
-        parent = sweep.find_parent_run(client, experiment_id, sweep_dir)
+        parent = parent_run.find_parent_run(client, experiment_id, sweep_dir)
         parent_id = parent.info.run_id if parent else None
-        tags[sweep.DIR_TAG] = sweep_dir
+        tags[rec.SWEEP_DIR_TAG] = sweep_dir
         if cfg.resume:
             decision = resume.decide(client, experiment_id, cfg, tags)
             if decision.reason:
@@ -169,10 +161,6 @@ def _fail(exc: UserError, run_id: str | None = None) -> None:
     sys.exit(2)
 
 
-register_configs()
-register_experiments()
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     return run_job(cfg)
@@ -205,7 +193,7 @@ def _config_error_line(exc: BaseException) -> str:
 def main() -> None:
     """Console-script entry point (``ablate``).
 
-    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, sweep.py) or a bug
+    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, run/parent_run.py) or a bug
     (traceback); 2 bad input: a config Hydra cannot compose (unknown group option, misspelt key, wrong
     type, bad override or search grammar, bad sweeper setting) or a bad value or store (one
     ``error: ...`` line, no traceback). ``HYDRA_FULL_ERROR=1`` shows Hydra's full message instead."""
@@ -214,6 +202,7 @@ def main() -> None:
 
     from . import liveness
 
+    register_configs()
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's config errors reach us instead of printing them
     try:

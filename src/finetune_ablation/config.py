@@ -1,13 +1,24 @@
-"""Typed schema of the Hydra config. Each dataclass is one config group and is consumed by one module:
-``data`` -> data.py, ``augment`` -> augment.py, ``model`` -> model.py, ``train`` -> train.py,
-``tracking`` -> tracking.py, ``diagnostics`` -> diagnostics.py, ``cache`` -> cache.py.
+"""Typed schema of the Hydra config, and what each key means to the run record.
 
-Hydra validates types and key names against these classes at start-up; ``validate`` adds the range
-checks a type cannot express, with one-line messages that name the setting and the fix."""
+Each dataclass is one config group (``data``, ``augment``, ``model``, ``train``, ``tracking``,
+``diagnostics``, ``cache``). Hydra validates types and key names against these classes at start-up;
+``validate`` adds the range checks a type cannot express, with one-line messages that name the setting
+and the fix.
+
+Every key has a ``Role`` in its field metadata (a group's role is inherited by its keys; unmarked means
+``phase1``). Every consumer derives from it, so a key added tomorrow is classified where it is declared:
+the phase-1 cache key hashes every key that is not ``phase2``, ``recording``, ``display`` or
+``data_source`` (a new key is in it by default: fail safe), the config hash (resume) every key that is
+not ``recording`` or ``display``, the report's factors and the reproduce comparison only keys that
+decide what a run computes. ``replicate`` marks the seeds a study averages over."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -15,18 +26,46 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from .errors import UserError
+from .paths import EXPERIMENTS_DIR
+
+
+class Role(str, Enum):
+    """What a config key is to the run record (docs/run-record.md, "How config keys are classified")."""
+
+    phase1 = "phase1"  # what phase 1 computes, and so the whole run: in every key, a factor (the default)
+    phase2 = "phase2"  # only what phase 2 computes: outside the phase-1 cache key
+    data_source = "data_source"  # where the images come from: the keys hash their content instead
+    equivalent = "equivalent"  # how it is computed, equal to float tolerance: in the keys, not a factor
+    recording = "recording"  # where, whether and how a run is recorded or cached: in no key
+    display = "display"  # what the console shows: in no key
+
+
+ROLE = "role"  # the field-metadata key holding a Role
+REPLICATE = "replicate"  # field metadata: a seed the report averages over, never a factor
+# Keys that decide what a run computes: the report's factors and copies, the reproduce comparison.
+COMPUTING = frozenset({Role.phase1, Role.phase2, Role.data_source})
+NOT_HASHED = frozenset({Role.recording, Role.display})  # left out of tracking.config_hash
+
+
+# Field metadata, e.g. ``fine_tune_epochs: int = field(default=5, metadata=PHASE2)``
+PHASE2 = {ROLE: Role.phase2}
+DATA_SOURCE = {ROLE: Role.data_source}
+EQUIVALENT = {ROLE: Role.equivalent}
+RECORDING = {ROLE: Role.recording}
+DISPLAY = {ROLE: Role.display}
+SEED = {REPLICATE: True}
 
 
 @dataclass
 class DataConfig:
-    dir: str | None = None
+    dir: str | None = field(default=None, metadata=DATA_SOURCE)
     image_size: int = 160
     batch_size: int = 32
     validation_split: float = 0.2
-    seed: int = 42
+    seed: int = field(default=42, metadata=SEED)
     # Write a small generated two-class image folder into ``dir`` first (the offline demo).
-    synthetic: bool = False
-    synthetic_images_per_class: int = 100
+    synthetic: bool = field(default=False, metadata=DATA_SOURCE)
+    synthetic_images_per_class: int = field(default=100, metadata=DATA_SOURCE)
 
 
 @dataclass
@@ -46,9 +85,11 @@ class ModelConfig:
     alpha: float | None = 1.0  # width multiplier; null for bases that have none
     weights: str | None = "imagenet"  # imagenet | null | path to a local weights file
     dropout: float = 0.2
-    fine_tune_at: Any = 120  # layer index or layer name; 0 = whole base
+    fine_tune_at: Any = field(default=120, metadata=PHASE2)  # layer index or layer name; 0 = whole base
     bn_training: bool | None = False  # the training= value the base is called with
-    freeze_bn: bool = False  # keep every BatchNormalization trainable=False when unfreezing
+    freeze_bn: bool = field(
+        default=False, metadata=PHASE2
+    )  # keep every BatchNormalization trainable=False when unfreezing
     # Re-estimate BN moving statistics on training images before phase 1 (for weights=null bases).
     calibrate_bn: bool = False
 
@@ -57,9 +98,11 @@ class ModelConfig:
 class TrainConfig:
     base_lr: float = 1e-3
     initial_epochs: int = 5
-    fine_tune_lr: float = 1e-4
-    fine_tune_epochs: int = 5
-    verbose: int = 0  # Keras fit verbosity (0: only the console's short line per epoch)
+    fine_tune_lr: float = field(default=1e-4, metadata=PHASE2)
+    fine_tune_epochs: int = field(default=5, metadata=PHASE2)
+    verbose: int = field(
+        default=0, metadata=DISPLAY
+    )  # Keras fit verbosity (0: only the console's short line per epoch)
 
 
 @dataclass
@@ -84,9 +127,13 @@ class DiagnosticsConfig:
 
 @dataclass
 class CacheConfig:
-    dir: str | None = None  # null: <project>/mlruns/cache
-    phase1: bool = True  # reuse phase 1 across runs that share it (e.g. a study over fine_tune_at)
-    features: bool = True  # augment=none: phase 1 runs the frozen base once per image (features.py)
+    dir: str | None = field(default=None, metadata=RECORDING)  # null: <project>/mlruns/cache
+    # Reuse phase 1 across runs that share it (e.g. a study over fine_tune_at): the restored state is
+    # bit-identical, so whether it is used does not count.
+    phase1: bool = field(default=True, metadata=RECORDING)
+    # augment=none: phase 1 runs the frozen base once per image (run/feature_cache.py). Equal to the uncached run
+    # only to float tolerance: in both keys, not a factor.
+    features: bool = field(default=True, metadata=EQUIVALENT)
 
 
 @dataclass
@@ -95,21 +142,83 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=RECORDING)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    seed: int = 42
+    seed: int = field(default=42, metadata=SEED)
     # Multirun jobs whose config already FINISHED in the experiment are skipped (not retrained).
-    resume: bool = True
+    resume: bool = field(default=True, metadata=RECORDING)
     # TF threads per job; null = all cores, divided among the launcher's parallel jobs.
-    threads: int | None = None
-    # Filled by the Optuna sweeper; here so the schema accepts it.
-    optuna: Any = None
+    threads: int | None = field(default=None, metadata=RECORDING)
+    # Filled by the Optuna sweeper (its hand-off to the live study); here so the schema accepts it.
+    optuna: Any = field(default=None, metadata=RECORDING)
+
+
+@functools.cache
+def _schema_keys(schema: type, prefix: str = "", inherited: Role = Role.phase1) -> dict[str, tuple[Role, bool]]:
+    hints = typing.get_type_hints(schema)
+    out: dict[str, tuple[Role, bool]] = {}
+    for f in dataclasses.fields(schema):
+        name, role = f"{prefix}{f.name}", f.metadata.get(ROLE, inherited)
+        out[name] = (role, bool(f.metadata.get(REPLICATE)))
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_schema_keys(hints[f.name], f"{name}.", role))
+    return out
+
+
+def schema_of(cfg: Any) -> type:
+    """The dataclass a composed config was validated against (``Config`` for a plain mapping)."""
+    from omegaconf import OmegaConf
+
+    kind = OmegaConf.get_type(cfg) if OmegaConf.is_config(cfg) else None
+    return kind if isinstance(kind, type) and dataclasses.is_dataclass(kind) else Config
+
+
+def role_of(key: str, schema: type | None = None) -> Role:
+    """The role of a dotted key (or of its nearest declared parent: ``optuna.study_name`` is the
+    sweeper's ``optuna`` hand-off); a key the schema does not declare is ``phase1`` (fail safe)."""
+    declared = _schema_keys(schema or Config)
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = declared.get(".".join(parts[:end]))
+        if found is not None:
+            return found[0]
+    return Role.phase1
+
+
+def replicate_keys(schema: type | None = None) -> tuple[str, ...]:
+    """The seeds a study's levels are averaged over (outer keys first: ``seed``, ``data.seed``)."""
+    keys = [k for k, (_, replicate) in _schema_keys(schema or Config).items() if replicate]
+    return tuple(sorted(keys, key=lambda k: k.count(".")))
+
+
+def without_roles(container: dict[str, Any], roles: Iterable[Role], schema: type | None = None) -> dict[str, Any]:
+    """A copy of a resolved config (nested dicts) without the keys whose role is in ``roles``."""
+    excluded = frozenset(roles)
+
+    def keep(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if role_of(dotted, schema) in excluded:
+                continue
+            out[key] = keep(value, f"{dotted}.") if isinstance(value, dict) else value
+        return out
+
+    return keep(container, "")
 
 
 def register_configs() -> None:
-    """Register the schema so the primary config (``conf/config.yaml``) is validated against it."""
-    ConfigStore.instance().store(name="schema", node=Config)
+    """Register the schema, so the primary config (``conf/config.yaml``) is validated against it, and
+    every ``experiments/NAME.yaml`` as the option ``experiment=NAME`` (package ``_global_``). An explicit
+    call, made before anything composes a config: ``ablate``'s entry point, ``ablate-reproduce``'s
+    re-composition and the tests. Calling it again stores the same nodes again."""
+    from omegaconf import OmegaConf
+
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
 _FLIPS = {None, "horizontal", "vertical", "horizontal_and_vertical"}

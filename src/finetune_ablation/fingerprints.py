@@ -19,11 +19,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def code_sha256() -> str:
-    """The suite's own source (every module of the package): results computed by other code are not
-    reused, while a commit that changes only docs reuses them."""
+    """The suite's own source (every module of the package, subpackages included): results computed by
+    other code are not reused, while a commit that changes only docs reuses them."""
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

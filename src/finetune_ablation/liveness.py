@@ -24,15 +24,19 @@ from datetime import datetime, timezone
 
 import psutil
 
+from .record import (
+    ERROR_TAG,
+    HEARTBEAT_INTERVAL_TAG,
+    HEARTBEAT_TAG,
+    HOST_TAG,
+    MAX_TAG_LENGTH,
+    PID_NAMESPACE_TAG,
+    PID_TAG,
+    PROCESS_START_TAG,
+)
+
 log = logging.getLogger("finetune_ablation")
 
-HOST_TAG = "liveness.host"
-PID_NAMESPACE_TAG = "liveness.pid_namespace"
-PID_TAG = "liveness.pid"
-PROCESS_START_TAG = "liveness.process_start"  # the process's start time, seconds since the epoch
-HEARTBEAT_TAG = "liveness.heartbeat"  # UTC, ISO 8601, refreshed every HEARTBEAT_INTERVAL_S
-HEARTBEAT_INTERVAL_TAG = "liveness.heartbeat_interval_s"
-ERROR_TAG = "error"  # the suite's one tag for why a run did not finish (as ``tracking.end_run_failed``)
 
 HEARTBEAT_INTERVAL_S = float(os.environ.get("ABLATE_HEARTBEAT_INTERVAL_S", "30"))
 
@@ -157,7 +161,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"the process exited with code {exc.code}"
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()[:5000]
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()[:MAX_TAG_LENGTH]
 
 
 def end_open_runs(exc: BaseException | None) -> list[str]:

@@ -144,7 +144,7 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     import keras
     import tensorflow as tf
 
-    from .model import batchnorm_layers, calibrate_batchnorm
+    from .run.model import batchnorm_layers, calibrate_batchnorm
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.seed)

@@ -22,11 +22,10 @@ import psutil
 from mlflow.entities import Run, ViewType
 
 from . import liveness
+from .record import REAPED_BY_TAG, REAPED_TAG
 
 log = logging.getLogger("finetune_ablation")
 
-REAPED_TAG = "liveness.reaped"  # why the run was marked KILLED
-REAPED_BY_TAG = "liveness.reaped_by"  # which process marked it, and when
 STALE_AFTER_S = float(os.environ.get("ABLATE_STALE_AFTER_S", "900"))
 START_TOLERANCE_S = 1.0  # process start times are read from /proc at jiffy resolution
 _reaped_stores: set[str] = set()

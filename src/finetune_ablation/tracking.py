@@ -19,18 +19,19 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from .config import TrackingConfig
+from .config import NOT_HASHED, TrackingConfig, schema_of, without_roles
 from .errors import UserError
 from .paths import PROJECT_ROOT, default_tracking_uri
+from .record import (
+    ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    MAX_PARAM_LENGTH,
+    MAX_TAG_LENGTH,
+    VERSION_TAG_PREFIX,
+)
 from .store import ensure_created
-
-MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # model training; MLflow 3.17 UI ignores it (docs/mlflow-ui.md)
-# Keys that say where, how or how verbosely a run is recorded, not what it computes: left out of the
-# config hash. ``cache.features`` stays in (the feature cache equals the uncached run only to float
-# tolerance); the phase-1 cache restores a bit-identical state, so where it lives and whether it is used
-# do not count.
-_NOT_HASHED = ("tracking", "optuna", "resume", "threads", "cache.dir", "cache.phase1", "train.verbose")
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -136,22 +137,17 @@ def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_params(cfg: DictConfig) -> dict[str, str]:
-    """The whole resolved config as MLflow params (values capped at MLflow's 500 characters)."""
+    """The whole resolved config as MLflow params (values capped at MLflow's ``MAX_PARAM_LENGTH``)."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(container).items()}
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Identity of what a run computes: the resolved config without where/how it is recorded."""
-    kept = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    assert isinstance(kept, dict)
-    for dotted in _NOT_HASHED:
-        *parents, last = dotted.split(".")
-        node = kept
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
+    """Identity of what a run computes: the resolved config without its ``recording`` and ``display``
+    keys (config.Role), so resume matches runs that differ only in where or how they were recorded."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(container, dict)
+    kept = without_roles(container, NOT_HASHED, schema_of(cfg))
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -164,18 +160,18 @@ def git_state() -> dict[str, str]:
         ).stdout.strip()
 
     try:
-        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain")))}
+        return {GIT_COMMIT_TAG: git("rev-parse", "HEAD"), GIT_DIRTY_TAG: str(bool(git("status", "--porcelain")))}
     except (OSError, subprocess.SubprocessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
+        return {GIT_COMMIT_TAG: "unknown", GIT_DIRTY_TAG: "unknown"}
 
 
 def package_versions() -> dict[str, str]:
     out = {}
     for dist in ("tensorflow", "keras", "mlflow", "hydra-core", "optuna", "numpy", "finetune-ablation"):
         try:
-            out[f"version.{dist}"] = metadata.version(dist)
+            out[f"{VERSION_TAG_PREFIX}{dist}"] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            out[f"version.{dist}"] = "not installed"
+            out[f"{VERSION_TAG_PREFIX}{dist}"] = "not installed"
     return out
 
 
@@ -185,5 +181,5 @@ def end_run_failed(error: BaseException, status: str = "FAILED") -> None:
         return
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     with contextlib.suppress(Exception):
-        mlflow.set_tag("error", f"{type(error).__name__}: {message}"[:5000])
+        mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {message}"[:MAX_TAG_LENGTH])
     mlflow.end_run(status=RunStatus.to_string(getattr(RunStatus, status)))

@@ -1,7 +1,7 @@
 """The sweep loop: ask a batch of trials, launch them through the configured Hydra launcher, tell the
 results, until the study holds ``n_trials`` complete + pruned trials (see ``_study`` for the counting).
 
-Jobs report intermediate values themselves (``finetune_ablation.trial``); the sweeper alone tells
+Jobs report intermediate values themselves (``finetune_ablation.run.optuna_trial``); the sweeper alone tells
 Optuna how each trial ended: COMPLETE with the job's return value, PRUNED when the job stopped on the
 pruner's word (it leaves the user attr ``pruned_at_epoch``), FAIL when the job failed or returned no
 finite number."""
@@ -78,7 +78,7 @@ class _Run:
     pruner: dict[str, Any]
     heartbeat: _study.Heartbeat
     launched: int = 0  # trials launched by this sweeper in this launch
-    failed: int = 0  # ... and told FAIL: the multirun's exit status counts them (finetune_ablation.sweep)
+    failed: int = 0  # ... and told FAIL: the multirun's exit status counts them (finetune_ablation.run.parent_run)
 
 
 class OptunaSweeperImpl(Sweeper):
@@ -245,9 +245,9 @@ class OptunaSweeperImpl(Sweeper):
         return f"{prefix}-{short_hash(self._fixed_config_hash(space), space.fingerprint())}"
 
     def _fixed_config_hash(self, space: SearchSpace) -> str:
-        """The suite's config hash (``tracking.config_hash``: what a run computes, not where it is
+        """The suite's config hash (``sweeper_api.config_hash``: what a run computes, not where it is
         recorded) of the job config every trial shares: fixed overrides applied, searched keys removed."""
-        from finetune_ablation.tracking import config_hash
+        from finetune_ablation.sweeper_api import config_hash
 
         assert self.hydra_context is not None and self.config is not None
         job = self.hydra_context.config_loader.load_sweep_config(self.config, list(space.fixed))

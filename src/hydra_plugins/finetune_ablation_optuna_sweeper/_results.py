@@ -18,8 +18,6 @@ from .handoff import MLFLOW_RUN_USER_ATTR
 
 log = logging.getLogger(__name__)
 
-MAX_PARAM_LENGTH = 500  # MLflow's cap on a param value
-
 
 def summarize(study: optuna.Study, total: int, storage_url: str) -> dict[str, Any]:
     """The study in a few keys; ``name``, ``best_params`` and ``best_value`` as the PyPI plugin has them."""
@@ -91,43 +89,35 @@ def log_to_parent(
     ``launched``/``failed`` (this launch's trials) are tagged too: a trial can fail before its job
     opens an MLflow run, and the grouping's end-of-sweep callback counts them in the exit status.
 
-    The parent run comes from the suite's multirun grouping (``finetune_ablation.sweep``), found by
-    the sweep dir; without that grouping, or outside the suite's config, nothing is logged."""
-    try:
-        from finetune_ablation import tracking
-        from finetune_ablation.sweep import SWEEPER_FAILED_TAG, SWEEPER_LAUNCHED_TAG, find_parent_run, sweep_dir_of
-    except ImportError:
-        log.info("no multirun grouping installed: the results stay in the sweep dir only")
-        return None
-    if OmegaConf.select(config, "tracking") is None:
-        return None
-    import mlflow
+    The parent run comes from the suite's multirun grouping, found through the app's one interface
+    for this plugin (``finetune_ablation.sweeper_api``); without that grouping, or outside the suite's
+    config, nothing is logged."""
+    from finetune_ablation import sweeper_api as app
 
-    client = mlflow.MlflowClient(tracking.resolve_uri(config.tracking))
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
-    if experiment is None:
-        return None
-    parent = find_parent_run(client, experiment.experiment_id, sweep_dir_of(config))
-    if parent is None:
+    found = app.parent_run(config)
+    if found is None:
         log.info("no MLflow parent run for this sweep dir: the results stay in the sweep dir only")
         return None
-    _log_results(client, parent.info.run_id, results, files)
-    client.set_tag(parent.info.run_id, SWEEPER_LAUNCHED_TAG, str(launched))
-    client.set_tag(parent.info.run_id, SWEEPER_FAILED_TAG, str(failed))
-    return parent.info.run_id
+    client, run_id = found
+    _log_results(client, run_id, results, files)
+    client.set_tag(run_id, app.record.SWEEPER_LAUNCHED_TAG, str(launched))
+    client.set_tag(run_id, app.record.SWEEPER_FAILED_TAG, str(failed))
+    return run_id
 
 
 def _log_results(client: Any, run_id: str, results: dict[str, Any], files: list[Path]) -> None:
-    client.set_tag(run_id, "optuna.study_name", results["study_name"])
-    client.set_tag(run_id, "optuna.storage", results["storage"])
+    from finetune_ablation.sweeper_api import record as rec
+
+    client.set_tag(run_id, rec.OPTUNA_STUDY_TAG, results["study_name"])
+    client.set_tag(run_id, rec.OPTUNA_STORAGE_TAG, results["storage"])
     for state, count in results["trials"].items():
-        client.log_metric(run_id, f"optuna.trials.{state}", count)
+        client.log_metric(run_id, f"{rec.OPTUNA_TRIALS_METRIC_PREFIX}{state}", count)
     if results["best_value"] is not None:
-        client.log_metric(run_id, "optuna.best_value", results["best_value"])
-        client.set_tag(run_id, "optuna.best_trial_number", str(results["best_trial_number"]))
+        client.log_metric(run_id, rec.OPTUNA_BEST_VALUE, results["best_value"])
+        client.set_tag(run_id, rec.OPTUNA_BEST_TRIAL_TAG, str(results["best_trial_number"]))
         if results.get("best_mlflow_run_id"):
-            client.set_tag(run_id, "optuna.best_run_id", results["best_mlflow_run_id"])
+            client.set_tag(run_id, rec.OPTUNA_BEST_RUN_TAG, results["best_mlflow_run_id"])
         for name, value in results["best_params"].items():
-            client.log_param(run_id, f"optuna.best.{name}", str(value)[:MAX_PARAM_LENGTH])
+            client.log_param(run_id, f"{rec.OPTUNA_BEST_PARAM_PREFIX}{name}", str(value)[: rec.MAX_PARAM_LENGTH])
     for path in files:
-        client.log_artifact(run_id, str(path), "optuna")
+        client.log_artifact(run_id, str(path), rec.OPTUNA_ARTIFACT_DIR)

@@ -31,10 +31,11 @@ SURPLUS_USER_ATTR = "surplus"
 
 def default_storage_url() -> str:
     """``sqlite:///<project>/mlruns/optuna.db``: absolute, beside the suite's MLflow store."""
-    from finetune_ablation.paths import MLRUNS_DIR
+    from finetune_ablation.sweeper_api import optuna_storage_dir
 
-    MLRUNS_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{MLRUNS_DIR / 'optuna.db'}"
+    folder = optuna_storage_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
 
 
 def absolute_storage_url(url: str | None) -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from .config import DataConfig
-from .errors import UserError
-from .fingerprints import file_sha256
+from ..config import DataConfig
+from ..errors import UserError
+from ..fingerprints import file_sha256
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what Keras's directory loader reads
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
@@ -280,7 +280,7 @@ def _images(files: list[ImageFile], class_names: list[str], cfg: DataConfig, dec
 def load_datasets(cfg: DataConfig) -> Datasets:
     """Check the folder, split it the Keras way, and build the cached pipelines."""
     if cfg.synthetic:
-        from .demo_data import ensure_demo_dataset
+        from ..demo_data import ensure_demo_dataset
 
         ensure_demo_dataset(cfg.dir, cfg.synthetic_images_per_class)
     decoded = DecodedImages(cfg.image_size, IN_MEMORY_BYTES)

@@ -1,6 +1,6 @@
 """The Markdown of ``ablate-report``: the first lines (which runs count, the replicate design, runs at
 chance), one table per factor, and the gap verdicts. Pure string building from the tables that
-``report_stats`` and ``report_design`` compute, so the wording lives in one place."""
+``stats`` and ``design`` compute, so the wording lives in one place."""
 
 from __future__ import annotations
 
@@ -8,18 +8,12 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from . import report_design as rd
-from . import report_stats as rs
+from .. import record as rec
+from ..record import VAL_ACCURACY
+from . import design as rd
+from . import stats as rs
 
-GAP_COMPONENTS = ("lag", "batchnorm", "dropout", "augmentation", "split")
-METRICS = (
-    "val_accuracy",
-    "accuracy",
-    "train_clean_accuracy",
-    "gap/total",
-    *(f"gap/{c}" for c in GAP_COMPONENTS),
-)
-SIGNED = {m for m in METRICS if m.startswith("gap/")}
+SIGNED = {m for m in rec.STUDY_METRICS if m.startswith(rec.GAP_PREFIX)}
 _MEANING = {
     "lag": "Keras's training accuracy is averaged over the epoch while the weights still improve",
     "batchnorm": "BatchNorm normalises training batches with batch statistics, validation with moving ones",
@@ -56,7 +50,7 @@ def identity_line(factor: str, identity: rd.Identity) -> list[str]:
     if identity.changes_nothing:
         return [
             f"**Identical runs: this factor changes nothing.** Its levels gave bit-identical models "
-            f"(same `{rd.WEIGHTS_TAG}`) in every comparison ({identity.compared}) of runs that differ only in "
+            f"(same `{rec.WEIGHTS_DIGEST_TAG}`) in every comparison ({identity.compared}) of runs that differ only in "
             f"`{factor}`; each such model counts once in every interval.",
             "",
         ]
@@ -86,14 +80,14 @@ def factor_markdown(
             "",
         ]
     first = table.drop_duplicates("level").set_index("level")
-    distinct = table[table["metric"] == "val_accuracy"].set_index("level")["n"]
+    distinct = table[table["metric"] == VAL_ACCURACY].set_index("level")["n"]
     lines.append("| metric | " + " | ".join(f"`{v}`" for v in levels) + " |")
     lines.append("|---|" + "---|" * len(levels))
     lines.append("| runs | " + " | ".join(str(first.loc[v, "runs"]) for v in levels) + " |")
     lines.append("| distinct runs | " + " | ".join(str(distinct[v]) for v in levels) + " |")
     marks = {True: "**yes**", False: "no", None: "?"}
     lines.append("| at chance | " + " | ".join(marks[chance.get(v)] for v in levels) + " |")
-    for metric in METRICS:
+    for metric in rec.STUDY_METRICS:
         cells = table[table["metric"] == metric].set_index("level")
         if cells["n"].sum() == 0:
             continue
@@ -138,7 +132,7 @@ def design_lines(merged: rd.Merges, design: rd.Design, identical_factors: list[s
         why.append(f"{repeats} the config and seeds of another run (a rerun is one replicate)")
     if merged.identical:
         same = _runs(merged.identical, "is", "are")
-        why.append(f"{same} bit-identical to a run with another config (same `{rd.WEIGHTS_TAG}`)")
+        why.append(f"{same} bit-identical to a run with another config (same `{rec.WEIGHTS_DIGEST_TAG}`)")
     merged_text = f": {'; '.join(why)}" if why else ""
     lines = [
         f"**Replicate design: {merged.units} distinct runs** out of {merged.runs} finished{merged_text}. "

@@ -13,7 +13,6 @@ wins."""
 from __future__ import annotations
 
 import re
-import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +27,15 @@ from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import cli  # noqa: F401  (registers the schema and the experiment group for compose)
-from .config import Config, validate
-from .errors import UserError
-from .paths import CONF_DIR
-from .tracking import flatten
+from .. import record as rec
+from ..config import NOT_HASHED, Config, register_configs, role_of, validate
+from ..errors import UserError
+from ..paths import CONF_DIR
+from ..tracking import flatten
 
 # Keys that make hydra.utils.instantiate import and call code.
 INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
 _OPTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")  # a config-group option: no paths
-_NOT_COMPARED = ("tracking.",)  # where a run is recorded, set anew for the reproduction
 # The Optuna sweeper's hand-off to its live study (study, storage, trial, a pruner ``_target_``).
 SWEEP_HANDOFF_KEY = "optuna"
 
@@ -161,18 +159,15 @@ def validate_against_schema(data: dict[str, Any], run_id: str) -> DictConfig:
 def logged_overrides(client: mlflow.MlflowClient, run: Run) -> tuple[list[str], str]:
     """The run's Hydra task overrides: the exact list in ``.hydra/overrides.yaml`` when the CLI logged
     it, else the space-joined ``hydra.overrides`` tag."""
-    text = download_text(client, run.info.run_id, ".hydra/overrides.yaml")
+    text = download_text(client, run.info.run_id, rec.HYDRA_OVERRIDES_YAML)
     if text is not None:
         data = yaml.safe_load(text)
         if isinstance(data, list) and all(isinstance(x, str) for x in data):
-            return data, "the artifact .hydra/overrides.yaml"
-    tag = run.data.tags.get("hydra.overrides")
+            return data, f"the artifact {rec.HYDRA_OVERRIDES_YAML}"
+    tag = run.data.tags.get(rec.HYDRA_OVERRIDES_TAG)
     if tag is None:
         return [], "none logged"
-    try:
-        return shlex.split(tag), "the tag hydra.overrides"
-    except ValueError:
-        return tag.split(), "the tag hydra.overrides"
+    return rec.parse_overrides(tag), f"the tag {rec.HYDRA_OVERRIDES_TAG}"
 
 
 def _override_values(override: Override) -> Any:
@@ -215,17 +210,19 @@ def check_overrides(overrides: list[str], run_id: str) -> tuple[list[str], str |
 
 def compose_today(overrides: list[str]) -> DictConfig:
     """Today's conf/ with the overrides, exactly as ``ablate`` composes it (nothing instantiated)."""
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
 def _flat(cfg: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return {k: v for k, v in flatten(container).items() if not k.startswith(_NOT_COMPARED)}
+    return {k: v for k, v in flatten(container).items() if role_of(k) not in NOT_HASHED}
 
 
 def differences(logged: DictConfig, recomposed: DictConfig) -> list[tuple[str, Any, Any]]:
-    """Keys whose logged value differs from today's composition (tracking.* is set anew, not compared)."""
+    """Keys whose logged value differs from today's composition: the keys that are not ``recording`` or
+    ``display`` (config.Role; tracking.* is set anew for the reproduction anyway)."""
     a, b = _flat(logged), _flat(recomposed)
     missing = "(absent)"
     return [
@@ -238,7 +235,7 @@ def differences(logged: DictConfig, recomposed: DictConfig) -> list[tuple[str, A
 def rebuild(client: mlflow.MlflowClient, run: Run) -> Rebuilt:
     """The config to run again: the logged one, checked, cross-checked against today's composition."""
     run_id = run.info.run_id
-    text = download_text(client, run_id, "config.yaml")
+    text = download_text(client, run_id, rec.CONFIG_YAML)
     if text is None:
         raise UserError(f"run {run_id} has no config.yaml artifact: it was not logged by a finished ablate run")
     data, was_trial = drop_sweep_handoff(load_logged_config(text, run_id))

@@ -6,7 +6,7 @@ same images (``data.fingerprint``: relative paths and contents, so new images un
 ``data.dir``, or another user's folder at the same path on a shared server, are never reused), the
 same code (a hash of the package's source; the git commit is logged beside it to say what changed),
 the same package versions and, when ``model.weights`` is a file, the same file content. These are the
-phase-1 cache's inputs (cache.py ``phase1_key``). Reproductions (``ablate-reproduce``) and pruned
+phase-1 cache's inputs (phase1_cache.py ``phase1_key``). Reproductions (``ablate-reproduce``) and pruned
 Optuna trials never stand in for a job. Every decision is one log line that says why."""
 
 from __future__ import annotations
@@ -18,17 +18,22 @@ import mlflow
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from . import tracking
-from .errors import UserError
-from .fingerprints import code_sha256, file_sha256, weights_file
-from .report_stats import PRUNED_TAG, REPRODUCED_TAG
+from .. import tracking
+from ..errors import UserError
+from ..fingerprints import code_sha256, file_sha256, weights_file
+from ..record import (
+    CODE_TAG,
+    CONFIG_HASH_TAG,
+    DATA_FINGERPRINT_TAG,
+    GIT_COMMIT_TAG,
+    PRUNED_TAG,
+    REPRODUCED_TAG,
+    TRUE,
+    VERSION_TAG_PREFIX,
+    WEIGHTS_FILE_TAG,
+)
 
 log = logging.getLogger("finetune_ablation")
-
-CONFIG_TAG = "config_hash"
-CODE_TAG = "code.sha256"
-WEIGHTS_FILE_TAG = "model.weights_file_sha256"
-DATA_TAG = "data.fingerprint"  # set by train.py once the images are scanned
 
 
 def _weights_file_sha256(weights: str | None) -> str | None:
@@ -43,7 +48,7 @@ def _weights_file_sha256(weights: str | None) -> str | None:
 def identity_tags(cfg: DictConfig) -> dict[str, str]:
     """The tags every run carries at its start, so a later sweep can tell whether it may be reused."""
     tags = {
-        CONFIG_TAG: tracking.config_hash(cfg),
+        CONFIG_HASH_TAG: tracking.config_hash(cfg),
         CODE_TAG: code_sha256(),
         **tracking.git_state(),
         **tracking.package_versions(),
@@ -55,13 +60,13 @@ def identity_tags(cfg: DictConfig) -> dict[str, str]:
 
 
 def data_fingerprint(cfg: DictConfig) -> str | None:
-    """The fingerprint train.py will log for these images (None when the folder cannot be read:
+    """The fingerprint the training will log for these images (None when the folder cannot be read:
     the job then fails on it with its own error line)."""
     from .data import fingerprint, scan_folder
 
     try:
         if cfg.data.synthetic:
-            from .demo_data import ensure_demo_dataset
+            from ..demo_data import ensure_demo_dataset
 
             ensure_demo_dataset(cfg.data.dir, cfg.data.synthetic_images_per_class)
         return fingerprint(scan_folder(cfg.data.dir)[1])
@@ -78,7 +83,7 @@ def _differences(run: Run, tags: dict[str, str]) -> list[str]:
     old = run.data.tags
     reasons = []
     if old.get(CODE_TAG) != tags[CODE_TAG]:
-        before, now = old.get("git.commit"), tags.get("git.commit")
+        before, now = old.get(GIT_COMMIT_TAG), tags.get(GIT_COMMIT_TAG)
         if CODE_TAG not in old:
             reasons.append("the run predates the code fingerprint (tag code.sha256)")
         elif before != now:
@@ -86,9 +91,9 @@ def _differences(run: Run, tags: dict[str, str]) -> list[str]:
         else:
             reasons.append(f"the code changed (uncommitted changes at commit {_short(now)})")
     versions = [
-        f"{key.removeprefix('version.')} {old.get(key, 'unknown')}->{value}"
+        f"{key.removeprefix(VERSION_TAG_PREFIX)} {old.get(key, 'unknown')}->{value}"
         for key, value in tags.items()
-        if key.startswith("version.") and old.get(key) != value
+        if key.startswith(VERSION_TAG_PREFIX) and old.get(key) != value
     ]
     if versions:
         reasons.append(f"package versions changed ({', '.join(versions)})")
@@ -101,10 +106,10 @@ def _finished_runs_of_config(client: mlflow.MlflowClient, experiment_id: str, co
     """FINISHED runs of this config, newest first, without reproductions and pruned trials."""
     found = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.{CONFIG_TAG} = '{config_hash}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.{CONFIG_HASH_TAG} = '{config_hash}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
     )
-    return [r for r in found if REPRODUCED_TAG not in r.data.tags and r.data.tags.get(PRUNED_TAG) != "true"]
+    return [r for r in found if REPRODUCED_TAG not in r.data.tags and r.data.tags.get(PRUNED_TAG) != TRUE]
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ class Decision:
 
 def decide(client: mlflow.MlflowClient, experiment_id: str, cfg: DictConfig, tags: dict[str, str]) -> Decision:
     """The newest FINISHED run identical to this job in config, data, code and packages, if any."""
-    candidates = _finished_runs_of_config(client, experiment_id, tags[CONFIG_TAG])
+    candidates = _finished_runs_of_config(client, experiment_id, tags[CONFIG_HASH_TAG])
     if not candidates:
         return Decision(None, None)
     fingerprint: str | None = None
@@ -127,10 +132,10 @@ def decide(client: mlflow.MlflowClient, experiment_id: str, cfg: DictConfig, tag
         if not reasons:
             if fingerprint is None:
                 fingerprint = data_fingerprint(cfg) or "unreadable"
-            if run.data.tags.get(DATA_TAG) != fingerprint:
+            if run.data.tags.get(DATA_FINGERPRINT_TAG) != fingerprint:
                 reasons.append(
                     f"the images under data.dir changed (data fingerprint "
-                    f"{_short(run.data.tags.get(DATA_TAG))}->{_short(fingerprint)})"
+                    f"{_short(run.data.tags.get(DATA_FINGERPRINT_TAG))}->{_short(fingerprint)})"
                 )
         if not reasons:
             return Decision(

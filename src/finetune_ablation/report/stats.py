@@ -9,14 +9,14 @@ gap components of a study are five tests at once: their verdicts are Holm-adjust
 from __future__ import annotations
 
 import math
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pandas as pd
 from scipy import stats
 
-from .sweep import ROLE_TAG
+from .. import record as rec
+from ..config import COMPUTING, replicate_keys, role_of
 
 CONFIDENCE = 0.95
 NOT_LOGGED = "(not logged)"
@@ -24,23 +24,8 @@ MAX_LEVELS = 8  # a numeric factor with more distinct values (an Optuna search) 
 BINS = 4
 
 # Seeds are the replicates the levels are averaged over, not factors: ``seed`` (initialisation, dropout,
-# augmentation) and ``data.seed`` (the train/validation split and the shuffle order).
-REPLICATE_KEYS = ("seed", "data.seed")
-# Params that say where or how a run was recorded, or that training derives from other settings.
-_NOT_FACTOR_KEYS = {
-    "resume",
-    "threads",
-    "train.verbose",
-    "optuna",
-    "data.class_names",
-    "model.fine_tune_at_index",
-    "model.first_unfrozen_layer",
-}
-_NOT_FACTOR_PREFIXES = ("tracking.", "optuna.", "data.count.", "cache.")
-
-PARENT_ROLE_TAG = ROLE_TAG
-PRUNED_TAG = "pruned"
-REPRODUCED_TAG = "reproduced_from"
+# augmentation) and ``data.seed`` (the train/validation split and the shuffle order); the schema marks them.
+REPLICATE_KEYS = replicate_keys()
 
 
 @dataclass(frozen=True)
@@ -117,14 +102,21 @@ def classify(runs: pd.DataFrame) -> pd.Series:
     kind = pd.Series("failed", index=runs.index, dtype=object)  # FAILED and KILLED
     kind[runs["status"].isin(["RUNNING", "SCHEDULED"])] = "running"
     kind[runs["status"] == "FINISHED"] = "finished"
-    kind[_tag(runs, PRUNED_TAG) == "true"] = "pruned"
-    kind[_tag(runs, REPRODUCED_TAG).notna()] = "reproduction"
-    kind[_tag(runs, PARENT_ROLE_TAG) == "parent"] = "parent"
+    kind[_tag(runs, rec.PRUNED_TAG) == rec.TRUE] = "pruned"
+    kind[_tag(runs, rec.REPRODUCED_TAG).notna()] = "reproduction"
+    kind[_tag(runs, rec.ROLE_TAG) == rec.PARENT_ROLE] = "parent"
     return kind
 
 
+def is_config_param(key: str) -> bool:
+    """A param that decides what a run computes (config.COMPUTING, seeds included): not where or how it
+    was recorded, not a value the training derived from other settings."""
+    derived = key in rec.DERIVED_PARAMS or key.startswith(rec.DATA_COUNT_PARAM_PREFIX)
+    return not derived and role_of(key) in COMPUTING
+
+
 def is_factor_key(key: str) -> bool:
-    return not (key in _NOT_FACTOR_KEYS or key in REPLICATE_KEYS or key.startswith(_NOT_FACTOR_PREFIXES))
+    return is_config_param(key) and key not in REPLICATE_KEYS
 
 
 def param_values(runs: pd.DataFrame, key: str) -> pd.Series:
@@ -147,13 +139,8 @@ def override_choices(runs: pd.DataFrame, groups: Iterable[str]) -> pd.DataFrame:
     group; ``(default)`` where a run did not choose. The tag is Hydra's space-joined task overrides."""
     groups = set(groups)
     rows = []
-    for text in _tag(runs, "hydra.overrides").fillna(""):
-        try:
-            tokens = shlex.split(text)
-        except ValueError:
-            tokens = []
-        pairs = (t.split("=", 1) for t in tokens if "=" in t)
-        rows.append({k.lstrip("+"): v for k, v in pairs if k.lstrip("+") in groups})
+    for text in _tag(runs, rec.HYDRA_OVERRIDES_TAG).fillna(""):
+        rows.append({k: v for k, v in rec.override_values(text).items() if k in groups})
     frame = pd.DataFrame(rows, index=runs.index, columns=sorted(groups))
     return frame.fillna("(default)").astype(str)
 
@@ -283,8 +270,8 @@ def gap_ranking(values: pd.DataFrame, components: Iterable[str]) -> pd.DataFrame
 
 def best_and_worst(finished: pd.DataFrame) -> tuple[str, str] | None:
     """Run ids with the highest and lowest final val_accuracy (ties: lower val_loss is better)."""
-    scores = final_metrics(finished, ["val_accuracy", "val_loss"]).dropna(subset=["val_accuracy"])
+    scores = final_metrics(finished, [rec.VAL_ACCURACY, rec.VAL_LOSS]).dropna(subset=[rec.VAL_ACCURACY])
     if scores.empty:
         return None
-    ranked = scores.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable")
+    ranked = scores.sort_values([rec.VAL_ACCURACY, rec.VAL_LOSS], ascending=[False, True], kind="stable")
     return str(finished.loc[ranked.index[0], "run_id"]), str(finished.loc[ranked.index[-1], "run_id"])

@@ -29,9 +29,9 @@ import numpy as np
 import tensorflow as tf
 from scipy.stats import binomtest
 
+from ..config import DiagnosticsLevel
 from .augment import augments
-from .config import DiagnosticsLevel
-from .features import why_base_varies
+from .feature_cache import why_base_varies
 from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
 from .passes import MeasuringPasses
 

@@ -25,12 +25,14 @@ from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import (
     open_storage,
 )
 
+from .. import record as rec
+
 if TYPE_CHECKING:
     import optuna
 
 log = logging.getLogger(__name__)
 
-REPORTED_METRIC = "val_accuracy"
+REPORTED_METRIC = rec.VAL_ACCURACY
 
 
 def _handoff(cfg: DictConfig) -> TrialHandoff | None:
@@ -42,7 +44,7 @@ def trial_tags(cfg: DictConfig) -> dict[str, str]:
     handoff = _handoff(cfg)
     if handoff is None:
         return {}
-    return {"optuna.study_name": handoff.study_name, "optuna.trial_number": str(handoff.trial_number)}
+    return {rec.OPTUNA_STUDY_TAG: handoff.study_name, rec.OPTUNA_TRIAL_TAG: str(handoff.trial_number)}
 
 
 def trial_callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
@@ -105,7 +107,7 @@ class TrialReporter(keras.callbacks.Callback):
         self.pruned_at = epoch
         self.model.stop_training = True
         self._call(self.trial.set_user_attr, PRUNED_USER_ATTR, epoch)
-        _tag({"pruned": "true", "optuna.pruned_at_epoch": str(epoch)})
+        _tag({rec.PRUNED_TAG: rec.TRUE, rec.OPTUNA_PRUNED_AT_TAG: str(epoch)})
         log.info("Optuna trial %d pruned after epoch %d", self.trial.number, epoch)
 
     def _call(self, method, *args):
@@ -115,7 +117,7 @@ class TrialReporter(keras.callbacks.Callback):
             self._active = False
             name = getattr(method, "__name__", method)
             log.warning("Optuna trial %d: %s failed, reporting stops: %s", self.trial.number, name, exc)
-            _tag({"optuna.report_error": f"{type(exc).__name__}: {exc}"[:500]})
+            _tag({rec.OPTUNA_REPORT_ERROR_TAG: f"{type(exc).__name__}: {exc}"[: rec.MAX_PARAM_LENGTH]})
             return None
 
 

@@ -16,8 +16,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-MAIN_EFFECT_METRICS = ("val_accuracy", "accuracy", "train_clean_accuracy")
-_STYLE = {"val_accuracy": "-^", "accuracy": "-o", "train_clean_accuracy": "--s"}
+from ..record import ACCURACY, TRAIN_CLEAN_ACCURACY, VAL_ACCURACY
+
+MAIN_EFFECT_METRICS = (VAL_ACCURACY, ACCURACY, TRAIN_CLEAN_ACCURACY)
+_STYLE = {VAL_ACCURACY: "-^", ACCURACY: "-o", TRAIN_CLEAN_ACCURACY: "--s"}
 _VERDICT_COLOURS = {"real": "tab:red", "absent: exactly 0 in every run": "lightgray"}
 
 
@@ -55,7 +57,7 @@ def main_effects(
                 ecolor=line.get_color(), capsize=3,
             )  # fmt: skip
             for xi, yi, n in zip(x + offset, 100 * rows_of["mean"], rows_of["n"], strict=True):
-                if n == 1 and metric == "val_accuracy":
+                if n == 1 and metric == VAL_ACCURACY:
                     ax.annotate("n=1", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if majority is not None and not math.isnan(majority):
             ax.axhline(100 * majority, color="gray", linestyle="--", linewidth=1, label="majority class")

@@ -21,28 +21,13 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
-from . import console, liveness, reaper, tracking
-from .errors import UserError
+from .. import console, liveness, reaper, tracking
+from .. import record as rec
+from ..config import COMPUTING, role_of
+from ..errors import UserError
 
 log = logging.getLogger("finetune_ablation")
 
-ROLE_TAG = "sweep.role"
-DIR_TAG = "sweep.dir"
-REUSED_TAG = "sweep.last_reused_by"  # set on a FINISHED run that a later sweep skipped to
-# Set on the parent by the Optuna sweeper: trials it launched and counted as failed in this launch.
-SWEEPER_LAUNCHED_TAG = "sweep.sweeper_launched"
-SWEEPER_FAILED_TAG = "sweep.sweeper_failed"
-SUMMARY_METRICS = (
-    "val_accuracy",
-    "accuracy",
-    "train_clean_accuracy",
-    "gap/total",
-    "gap/lag",
-    "gap/batchnorm",
-    "gap/dropout",
-    "gap/augmentation",
-    "gap/split",
-)
 _UNQUOTABLE = re.compile(r"""['"\\]""")  # characters no MLflow filter string can quote
 
 
@@ -63,42 +48,38 @@ def tag_filter(key: str, value: str) -> tuple[str, bool]:
 
 def find_parent_run(client: mlflow.MlflowClient, experiment_id: str, sweep_dir: str) -> Run | None:
     """The parent run of the multirun writing into ``sweep_dir`` (None outside a grouped sweep)."""
-    clause, recheck = tag_filter(DIR_TAG, sweep_dir)
+    clause, recheck = tag_filter(rec.SWEEP_DIR_TAG, sweep_dir)
     found = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{ROLE_TAG}` = 'parent' and {clause}",
+        filter_string=f"tags.`{rec.ROLE_TAG}` = '{rec.PARENT_ROLE}' and {clause}",
         order_by=["attributes.start_time DESC"],
         max_results=1000 if recheck else 1,
     )
-    return next((r for r in found if r.data.tags.get(DIR_TAG) == sweep_dir), None)
+    return next((r for r in found if r.data.tags.get(rec.SWEEP_DIR_TAG) == sweep_dir), None)
 
 
 def sweep_dir_of(config: DictConfig) -> str:
     return str(Path(str(config.hydra.sweep.dir)).resolve())
 
 
-def _overrides(run: Run) -> dict[str, str]:
-    pairs = (token.split("=", 1) for token in shlex.split(run.data.tags.get("hydra.overrides", "")))
-    return {key.lstrip("+~"): value for key, value in (p for p in pairs if len(p) == 2)}
-
-
 def summarize(client: mlflow.MlflowClient, experiment_id: str, parent: Run) -> pd.DataFrame:
     """One row per job of the sweep: new children and FINISHED runs it reused, swept values, metrics."""
     parent_id = parent.info.run_id
-    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    reused = client.search_runs([experiment_id], filter_string=f"tags.`{REUSED_TAG}` = '{parent_id}'")
+    children = client.search_runs([experiment_id], filter_string=f"tags.{rec.MLFLOW_PARENT_RUN_TAG} = '{parent_id}'")
+    reused = client.search_runs([experiment_id], filter_string=f"tags.`{rec.REUSED_TAG}` = '{parent_id}'")
     rows: list[dict[str, Any]] = []
     for run, was_reused in [(r, False) for r in children] + [(r, True) for r in reused]:
         row: dict[str, Any] = {
             "run_id": run.info.run_id,
             "status": run.info.status,
             "reused": was_reused,
-            "pruned": run.data.tags.get("pruned") == "true",
-            "error": run.data.tags.get("error", ""),
+            "pruned": run.data.tags.get(rec.PRUNED_TAG) == rec.TRUE,
+            "error": run.data.tags.get(rec.ERROR_TAG, ""),
         }
-        # the Optuna hand-off differs per trial but is bookkeeping, not a swept value
-        row.update({f"override.{k}": v for k, v in _overrides(run).items() if k != "optuna"})
-        row.update({m: run.data.metrics.get(m) for m in SUMMARY_METRICS})
+        # swept values only: the Optuna hand-off differs per trial but is bookkeeping (config.Role)
+        overrides = rec.override_values(run.data.tags.get(rec.HYDRA_OVERRIDES_TAG, ""))
+        row.update({f"override.{k}": v for k, v in overrides.items() if role_of(k) in COMPUTING})
+        row.update({m: run.data.metrics.get(m) for m in rec.STUDY_METRICS})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["run_id", "status", "reused", "pruned", "error"] if not rows else None)
     constant = [c for c in frame.columns if c.startswith("override.") and frame[c].nunique(dropna=False) <= 1]
@@ -135,17 +116,16 @@ class MlflowSweepCallback(Callback):
         assert self.client is not None and self.experiment_id is not None
         reaper.reap_once(self.client, uri)  # runs left RUNNING by killed processes become KILLED
         sweep_dir = sweep_dir_of(config)
-        overrides = " ".join(config.hydra.overrides.task)
         parent = self.client.create_run(
             self.experiment_id,
             run_name=f"sweep {Path(sweep_dir).parent.name}/{Path(sweep_dir).name}",
             tags={
-                ROLE_TAG: "parent",
-                DIR_TAG: sweep_dir,
-                "sweep.command": shlex.join(["ablate", *sys.argv[1:]])[:5000],
-                "hydra.overrides": overrides[:5000],
-                "hydra.sweeper": str(config.hydra.sweeper.get("_target_", "")),
-                "hydra.launcher": str(config.hydra.launcher.get("_target_", "")),
+                rec.ROLE_TAG: rec.PARENT_ROLE,
+                rec.SWEEP_DIR_TAG: sweep_dir,
+                rec.SWEEP_COMMAND_TAG: shlex.join(["ablate", *sys.argv[1:]])[: rec.MAX_TAG_LENGTH],
+                rec.HYDRA_OVERRIDES_TAG: rec.format_overrides(list(config.hydra.overrides.task)),
+                rec.HYDRA_SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")),
+                rec.HYDRA_LAUNCHER_TAG: str(config.hydra.launcher.get("_target_", "")),
                 **liveness.process_tags(),
             },
         )
@@ -176,27 +156,27 @@ class MlflowSweepCallback(Callback):
         frame = summarize(self.client, self.experiment_id, parent)
         failed = int((frame["status"] != "FINISHED").sum()) if len(frame) else 0
         # an Optuna trial can fail before its job opens a run (the sweeper tags how many did)
-        failed = max(failed, int(parent.data.tags.get(SWEEPER_FAILED_TAG, "0")))
-        jobs = max(len(frame), int(parent.data.tags.get(SWEEPER_LAUNCHED_TAG, "0")))
+        failed = max(failed, int(parent.data.tags.get(rec.SWEEPER_FAILED_TAG, "0")))
+        jobs = max(len(frame), int(parent.data.tags.get(rec.SWEEPER_LAUNCHED_TAG, "0")))
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "sweep_summary.csv"
+            path = Path(tmp) / rec.SWEEP_SUMMARY_CSV
             frame.to_csv(path, index=False)
             self.client.log_artifact(self.parent_id, str(path))
         counts = {
-            "sweep.jobs": jobs,
-            "sweep.failed": failed,
-            "sweep.reused": int(frame["reused"].sum()) if len(frame) else 0,
-            "sweep.pruned": int(frame["pruned"].sum()) if len(frame) else 0,
+            "jobs": jobs,
+            "failed": failed,
+            "reused": int(frame["reused"].sum()) if len(frame) else 0,
+            "pruned": int(frame["pruned"].sum()) if len(frame) else 0,
         }
-        for key, value in counts.items():
-            self.client.set_tag(self.parent_id, key, str(value))
+        for name, value in counts.items():
+            self.client.set_tag(self.parent_id, rec.SWEEP_COUNT_TAGS[name], str(value))
         finished = frame[(frame["status"] == "FINISHED") & frame["val_accuracy"].notna()] if len(frame) else frame
         if len(finished):
             best = finished.loc[finished["val_accuracy"].idxmax()]
-            self.client.set_tag(self.parent_id, "sweep.best_run_id", best["run_id"])
-            self.client.log_metric(self.parent_id, "best_val_accuracy", float(best["val_accuracy"]))
+            self.client.set_tag(self.parent_id, rec.BEST_RUN_TAG, best["run_id"])
+            self.client.log_metric(self.parent_id, rec.BEST_VAL_ACCURACY, float(best["val_accuracy"]))
         self.client.set_terminated(self.parent_id, status)
-        summary = ", ".join(f"{k.split('.')[1]}={v}" for k, v in counts.items())
+        summary = ", ".join(f"{k}={v}" for k, v in counts.items())
         ended = "done" if status == "FINISHED" else f"ended {status}"
         log.info("sweep %s (MLflow parent run %s): %s", ended, self.parent_id, summary)
         return failed, jobs

@@ -19,27 +19,21 @@ from dataclasses import dataclass
 import pandas as pd
 from scipy import stats
 
-from .report_stats import CONFIDENCE, REPLICATE_KEYS, Factor, param_values, summarize
+from ..record import VAL_COUNT_PARAM_PREFIX, WEIGHTS_DIGEST_TAG
+from .stats import CONFIDENCE, REPLICATE_KEYS, Factor, is_config_param, param_values, summarize
 
-# Set by train.py on every finished run: a hash of every model variable (bit-identity in one string).
-# The report cannot import train.py (TensorFlow), so the name is repeated here; test_report checks it.
-WEIGHTS_TAG = "model.weights_sha256"
-# What each replicate seed changes (data.py, train.py): the reader's "which noise does an interval cover".
+# What each replicate seed changes (run/data.py, run/train.py): the reader's "which noise does an interval cover".
 SEED_MEANING = {
     "seed": "weight initialisation, dropout masks and augmentation",
     "data.seed": "which images are in the validation split, and the shuffle order",
 }
-_BOOKKEEPING = ("tracking.", "optuna.", "cache.", "data.count.")
-_NOT_CONFIG = {"resume", "threads", "train.verbose", "data.class_names", "model.fine_tune_at_index",
-               "model.first_unfrozen_layer"}  # fmt: skip
-COUNT_PREFIX = "data.count.val."
 
 
 def config_keys(runs: pd.DataFrame) -> list[str]:
     """Params that decide what a run computes (seeds included): not where it is recorded, not display
     settings, not values derived from others."""
     keys = (c[len("params.") :] for c in runs.columns if c.startswith("params."))
-    return sorted(k for k in keys if k not in _NOT_CONFIG and not k.startswith(_BOOKKEEPING))
+    return sorted(k for k in keys if is_config_param(k))
 
 
 def _signature(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
@@ -50,7 +44,7 @@ def _signature(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
 
 
 def weights_hashes(runs: pd.DataFrame) -> pd.Series:
-    column = f"tags.{WEIGHTS_TAG}"
+    column = f"tags.{WEIGHTS_DIGEST_TAG}"
     return runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
 
 
@@ -167,7 +161,7 @@ def covers_sentence(design: Design) -> str:
 def majority_rates(runs: pd.DataFrame) -> pd.DataFrame:
     """Per run: validation images (``val_count``) and the majority-class rate of that split
     (``majority``), from the class counts every run logs as params ``data.count.val.<class>``."""
-    columns = [c for c in runs.columns if c.startswith(f"params.{COUNT_PREFIX}") and not c.endswith(".total")]
+    columns = [c for c in runs.columns if c.startswith(f"params.{VAL_COUNT_PARAM_PREFIX}") and not c.endswith(".total")]
     counts = runs[columns].apply(pd.to_numeric, errors="coerce") if columns else pd.DataFrame(index=runs.index)
     total = counts.sum(axis=1, min_count=1)
     return pd.DataFrame({"val_count": total, "majority": counts.max(axis=1) / total}, index=runs.index)

@@ -1,4 +1,6 @@
-"""The two-phase fine-tuning run (config group ``train``), logged whole into the active MLflow run.
+"""The two-phase fine-tuning run (config group ``train``, and the phase policy of ``model``, ``cache`` and
+``diagnostics``): config -> data -> model -> phase 1 -> phase 2 -> record. Everything measured goes to a
+``Recorder`` (recorder.py: the active MLflow run by default), under the names of the run record (record.py).
 
 Phase 1 trains the head on a frozen base. Phase 2 unfreezes the base from ``model.fine_tune_at`` and
 recompiles with a NEW optimizer at the lower rate: the outer model holds the very same base object, so
@@ -8,25 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import random
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
+from .. import record as rec
+from ..config import DiagnosticsLevel
 from .augment import build_augmentation
-from .cache import Phase1Cache, Phase1State, cache_dir, phase1_key
-from .config import DiagnosticsLevel
 from .data import Datasets, load_datasets
 from .diagnostics import GapDiagnostics, GapMeter, chance_warning, gap_summary, majority_rate
-from .epoch_logger import MlflowEpochLogger
-from .features import FrozenFeatures, extract_features, why_not_cacheable
+from .epoch_logger import EpochLogger
+from .feature_cache import FrozenFeatures, extract_features, why_not_cacheable
 from .model import (
     Classifier,
     bn_moving_stats,
@@ -40,7 +39,9 @@ from .model import (
     trainable_summary,
     unfreeze_top,
 )
+from .phase1_cache import Phase1Cache, Phase1State, cache_dir, phase1_key
 from .plots import gap_chart, learning_curves
+from .recorder import MlflowRecorder, Recorder
 
 
 def seed_everything(seed: int) -> None:
@@ -86,19 +87,18 @@ def compile_fresh(model: keras.Model, binary: bool, learning_rate: float) -> Non
     model.optimizer.build(model.trainable_variables)
 
 
-def _log_data(data: Datasets) -> None:
-    mlflow.log_params({f"data.count.{k}": v for k, v in data.counts().items()})
-    mlflow.log_param("data.class_names", ",".join(data.class_names)[:500])
-    mlflow.set_tags(
+def _record_data(data: Datasets, recorder: Recorder) -> None:
+    counts = {f"{rec.DATA_COUNT_PARAM_PREFIX}{k}": v for k, v in data.counts().items()}
+    recorder.params({**counts, rec.CLASS_NAMES_PARAM: ",".join(data.class_names)[: rec.MAX_PARAM_LENGTH]})
+    recorder.tags(
         {
-            "data.fingerprint": data.fingerprint,
-            "data.cross_split_duplicates": str(data.cross_split_duplicates),
+            rec.DATA_FINGERPRINT_TAG: data.fingerprint,
+            rec.CROSS_SPLIT_DUPLICATES_TAG: str(data.cross_split_duplicates),
         }
     )
     if data.cross_split_duplicates:
-        mlflow.set_tag(
-            "warning",
-            f"{data.cross_split_duplicates} validation image(s) are exact copies of training images",
+        recorder.tags(
+            {rec.WARNING_TAG: f"{data.cross_split_duplicates} validation image(s) are exact copies of training images"}
         )
 
 
@@ -110,9 +110,8 @@ class PhaseRecord:
     metrics: dict[str, float]
     report: str
 
-    def log(self) -> None:
-        mlflow.log_metrics({f"phase{self.phase}/{k}": v for k, v in self.metrics.items()})
-        mlflow.log_text(self.report, f"trainable_weights_phase{self.phase}.txt")
+    def log(self, recorder: Recorder) -> None:
+        recorder.phase(self.phase, self.metrics, self.report)
 
 
 def _run_phase(
@@ -125,6 +124,7 @@ def _run_phase(
     epochs: int,
     rows: list[dict],
     extra_callbacks: list[keras.callbacks.Callback],
+    recorder: Recorder,
     features: FrozenFeatures | None = None,
 ) -> PhaseRecord:
     """Compile with a new optimizer, fit ``epochs`` epochs numbered from ``first_epoch``, measure.
@@ -138,7 +138,7 @@ def _run_phase(
     if cfg.diagnostics.level != DiagnosticsLevel.off:
         meter = GapMeter(clf, source.train_in_order, cfg.seed, precomputed=features is not None)
         callbacks.append(GapDiagnostics(meter, cfg.diagnostics.level, last_epoch, len(data.val_files)))
-    callbacks.append(MlflowEpochLogger(phase, rows))
+    callbacks.append(EpochLogger(phase, rows, recorder))
     callbacks.extend(extra_callbacks)
     before = bn_moving_stats(clf.base)
     model.fit(
@@ -152,24 +152,24 @@ def _run_phase(
     )
     summary["bn_moving_stats_delta"] = max_abs_change(before, bn_moving_stats(clf.base))
     record = PhaseRecord(phase, summary, report)
-    record.log()
+    record.log(recorder)
     return record
 
 
-def _frozen_features(clf: Classifier, data: Datasets, cfg: DictConfig) -> FrozenFeatures | None:
+def _frozen_features(clf: Classifier, data: Datasets, cfg: DictConfig, recorder: Recorder) -> FrozenFeatures | None:
     """The frozen base's features, computed once, when ``cache.features`` is on and they are fixed."""
     if not cfg.cache.features:
-        mlflow.set_tag("feature_cache", "off")
+        recorder.tags({rec.FEATURE_CACHE_TAG: "off"})
         return None
     reason = why_not_cacheable(clf)
     if reason:
-        mlflow.set_tag("feature_cache", f"not used: {reason}")
+        recorder.tags({rec.FEATURE_CACHE_TAG: f"not used: {reason}"})
         return None
-    mlflow.set_tag("feature_cache", "on")
+    recorder.tags({rec.FEATURE_CACHE_TAG: "on"})
     return extract_features(clf, data)
 
 
-def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict]) -> None:
+def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], recorder: Recorder) -> None:
     """Phase 1: calibrate (if asked) and train the head on the frozen base, or load it from the cache."""
 
     def train() -> PhaseRecord:
@@ -177,30 +177,31 @@ def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict]) 
             batches = [x.numpy() for x, _ in data.train_in_order.take(max(1, 256 // cfg.data.batch_size))]
             calibrate_batchnorm(clf.base, clf.preprocess, np.concatenate(batches))
         freeze_base(clf.base)
-        features = _frozen_features(clf, data, cfg)
-        return _run_phase(clf, data, cfg, 1, cfg.train.base_lr, 0, cfg.train.initial_epochs, rows, [], features)
+        features = _frozen_features(clf, data, cfg, recorder)
+        t = cfg.train
+        return _run_phase(clf, data, cfg, 1, t.base_lr, 0, t.initial_epochs, rows, [], recorder, features)
 
     if not cfg.cache.phase1:
-        mlflow.set_tag("phase1_cache", "off")
+        recorder.tags({rec.PHASE1_CACHE_TAG: "off"})
         train()
         return
     cache = Phase1Cache(cache_dir(cfg.cache))
     key = phase1_key(cfg, data.fingerprint)
-    mlflow.set_tag("phase1_cache_key", key)
+    recorder.tags({rec.PHASE1_CACHE_KEY_TAG: key})
     with cache.locked(key):
         state = cache.load(key)
         if state is None:
             record = train()
             cache.save(key, Phase1State.capture(clf.model, rows, record.metrics, record.report))
-            mlflow.set_tag("phase1_cache", "miss")
+            recorder.tags({rec.PHASE1_CACHE_TAG: "miss"})
             return
     freeze_base(clf.base)
     state.restore(clf.model)
     for row in state.rows:  # every run still holds complete curves
-        mlflow.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "phase")}, step=row["epoch"])
+        recorder.epoch(row["epoch"], {k: v for k, v in row.items() if k not in ("epoch", "phase")})
     rows.extend(state.rows)
-    PhaseRecord(1, state.metrics, state.report).log()
-    mlflow.set_tag("phase1_cache", "hit")
+    PhaseRecord(1, state.metrics, state.report).log(recorder)
+    recorder.tags({rec.PHASE1_CACHE_TAG: "hit"})
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -212,95 +213,77 @@ def weights_digest(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def _tag_seconds(phase: str, started: float) -> None:
+def _tag_seconds(phase: str, started: float, recorder: Recorder) -> None:
     """Wall time of a phase, as a tag: timings differ between identical runs, metrics must not."""
-    mlflow.set_tag(f"timing.{phase}_seconds", f"{time.perf_counter() - started:.2f}")
+    recorder.tags({rec.timing_tag(phase): f"{time.perf_counter() - started:.2f}"})
 
 
-def _log_figure(fig, name: str) -> None:
-    import matplotlib.pyplot as plt
-
-    mlflow.log_figure(fig, name)
-    plt.close(fig)
-
-
-def train_and_log(cfg: DictConfig, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> float:
-    """Run both phases into the active MLflow run; returns the final ``val_accuracy``."""
+def train_and_log(
+    cfg: DictConfig,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    recorder: Recorder | None = None,
+) -> float:
+    """Run both phases, recording into ``recorder`` (the active MLflow run by default); returns the
+    final ``val_accuracy``."""
+    recorder = recorder or MlflowRecorder()
     seed_everything(cfg.seed)
     data = load_datasets(cfg.data)
-    _log_data(data)
+    _record_data(data, recorder)
 
     base = load_base(cfg.model, cfg.data.image_size)
     augmentation = build_augmentation(cfg.augment, cfg.seed)
     clf = build_classifier(cfg.model, base, augmentation, data.num_classes, cfg.data.image_size)
     base_index = next(i for i, layer in enumerate(clf.model.layers) if layer is base)
-    mlflow.set_tags(
+    recorder.tags(
         {
-            "answer.same_base_object": f"model.layers[{base_index}] is base: True",
-            "model.base_layers": str(len(base.layers)),
+            rec.SAME_BASE_OBJECT_TAG: f"model.layers[{base_index}] is base: True",
+            rec.BASE_LAYERS_TAG: str(len(base.layers)),
         }
     )
 
     fine_tune_at = resolve_fine_tune_at(base, cfg.model.fine_tune_at)  # fail before training
     rows: list[dict] = []
     started = time.perf_counter()
-    _phase1(clf, data, cfg, rows)
-    _tag_seconds("phase1", started)
+    _phase1(clf, data, cfg, rows, recorder)
+    _tag_seconds("phase1", started, recorder)
 
     first_unfrozen = unfreeze_top(base, fine_tune_at, cfg.model.freeze_bn)
-    mlflow.log_params(
+    recorder.params(
         {
-            "model.fine_tune_at_index": fine_tune_at,
-            "model.first_unfrozen_layer": first_unfrozen or "none (nothing unfrozen)",
+            rec.FINE_TUNE_AT_INDEX_PARAM: fine_tune_at,
+            rec.FIRST_UNFROZEN_PARAM: first_unfrozen or "none (nothing unfrozen)",
         }
     )
     t = cfg.train
     started = time.perf_counter()
-    _run_phase(clf, data, cfg, 2, t.fine_tune_lr, t.initial_epochs, t.fine_tune_epochs, rows, extra_callbacks or [])
-    _tag_seconds("phase2", started)
+    more = extra_callbacks or []  # e.g. the Optuna trial reporter
+    _run_phase(clf, data, cfg, 2, t.fine_tune_lr, t.initial_epochs, t.fine_tune_epochs, rows, more, recorder)
+    _tag_seconds("phase2", started, recorder)
+    return _record_result(cfg, clf, data, rows, recorder)
 
+
+def _record_result(cfg: DictConfig, clf: Classifier, data: Datasets, rows: list[dict], recorder: Recorder) -> float:
+    """The run's end: history, chance check, figures, gap summary, config, weights digest, the model."""
     history = pd.DataFrame(rows)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "history.csv"
-        history.to_csv(path, index=False)
-        mlflow.log_artifact(str(path))
-    val_accuracy = float(history["val_accuracy"].iloc[-1])
-    warning = _log_chance(data, val_accuracy)
-    _log_figure(learning_curves(history), "learning_curves.png")
-    if "gap/total" in history:
-        _log_figure(gap_chart(history, warning), "gap.png")
-    mlflow.log_text(gap_summary(rows, warning), "gap_summary.txt")
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    mlflow.set_tag("model.weights_sha256", weights_digest(clf.model))
+    recorder.table(history, rec.HISTORY_CSV)
+    val_accuracy = float(history[rec.VAL_ACCURACY].iloc[-1])
+    warning = _record_chance(data, val_accuracy, recorder)
+    recorder.figure(learning_curves(history), rec.LEARNING_CURVES_PNG)
+    if rec.GAP_TOTAL in history:
+        recorder.figure(gap_chart(history, warning), rec.GAP_PNG)
+    recorder.text(gap_summary(rows, warning), rec.GAP_SUMMARY_TXT)
+    recorder.text(OmegaConf.to_yaml(cfg, resolve=True), rec.CONFIG_YAML)
+    recorder.tags({rec.WEIGHTS_DIGEST_TAG: weights_digest(clf.model)})
     if cfg.tracking.log_model:
-        _log_model(clf.model)
+        recorder.model(clf.model)
     return val_accuracy
 
 
-def _log_chance(data: Datasets, val_accuracy: float) -> str | None:
+def _record_chance(data: Datasets, val_accuracy: float, recorder: Recorder) -> str | None:
     """``val_majority_rate`` and the tag ``gap.at_chance``: is the final model distinguishable from
     always guessing the larger class? Returns the warning that summary and chart must lead with."""
     majority = majority_rate([f.class_name for f in data.val_files])
     warning = chance_warning(val_accuracy, len(data.val_files), majority)
-    mlflow.log_metric("val_majority_rate", majority)
-    mlflow.set_tag("gap.at_chance", str(warning is not None).lower())
+    recorder.metrics({rec.VAL_MAJORITY_RATE: majority})
+    recorder.tags({rec.AT_CHANCE_TAG: str(warning is not None).lower()})
     return warning
-
-
-def _log_model(model: keras.Model) -> None:
-    """The final model in MLflow's Keras flavor, loadable from ``runs:/<run id>/model`` (load it after
-    ``import finetune_ablation.model``, which registers the custom ``Preprocess`` layer). Requirements
-    are pinned from this environment: MLflow's inference would re-import the model in a subprocess."""
-    from importlib.metadata import version
-
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    pins = [f"{name}=={version(name)}" for name in ("tensorflow", "keras")]
-    float32 = np.dtype("float32")
-    signature = ModelSignature(  # images in (pixels 0..255), logits out: shown in the UI, checked on serving
-        inputs=Schema([TensorSpec(float32, (-1, *model.input_shape[1:]), "image")]),
-        outputs=Schema([TensorSpec(float32, (-1, *model.output_shape[1:]), "logits")]),
-    )
-    mlflow.keras.log_model(model, name="model", pip_requirements=pins, signature=signature)
-    mlflow.set_tag("model.uri", f"runs:/{mlflow.active_run().info.run_id}/model")

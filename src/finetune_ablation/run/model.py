@@ -14,8 +14,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .config import ModelConfig
-from .errors import UserError
+from ..config import ModelConfig
+from ..errors import UserError
 
 
 @keras.saving.register_keras_serializable(package="finetune_ablation")
@@ -89,8 +89,8 @@ def _download_hint(exc: Exception) -> UserError:
 def _demo_weights(cfg: ModelConfig) -> str:
     """``model.weights=demo``: the offline base shipped with the package (pretrain.py), checked against
     its card; the card is logged with the run. Its weights fit any image size, not another width."""
-    from .fingerprints import file_sha256
-    from .pretrain import BASES_DIR, WEIGHTS_NAME, demo_card, log_card
+    from ..fingerprints import file_sha256
+    from ..pretrain import BASES_DIR, WEIGHTS_NAME, demo_card, log_card
 
     card = demo_card()
     if (cfg.name, cfg.architecture, cfg.alpha) != ("mobilenet_v2", card["architecture"], card["alpha"]):

@@ -6,8 +6,8 @@
 Reads the runs with ``mlflow.search_runs`` (so it works on a remote tracking server too), leaves out
 failed, pruned and running runs (and says how many), merges copies into distinct runs, and writes
 Markdown, CSV and PNG into ``--out``; a sweep's parent run gets the same files as artifacts under
-``report/``. The statistics live in ``report_stats``, what counts as evidence in ``report_design``, the
-wording in ``report_text``, the figures in ``report_plots`` (docs/report.md explains every rule)."""
+``report/``. The statistics live in ``stats``, what counts as evidence in ``design``, the wording in
+``text``, the figures in ``plots`` (modules of this package) (docs/report.md explains every rule)."""
 
 from __future__ import annotations
 
@@ -19,21 +19,25 @@ import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 
-from . import report_design as rd
-from . import report_plots as plots
-from . import report_stats as rs
-from . import report_text as text
-from .errors import UserError
-from .paths import CONF_DIR
-from .reaper import reap_once
-from .runstore import default_uri, get_run, open_store, run_cli
-from .sweep import REUSED_TAG
-
-# The gap components in the order diagnostics.COMPONENTS removes them (named in report_text, not
-# imported, so the report needs no TensorFlow; a test checks the two agree).
-GAP_COMPONENTS = text.GAP_COMPONENTS
-METRICS = text.METRICS
-CURVE_METRICS = ("accuracy", "val_accuracy", "train_clean_accuracy", "loss", "val_loss")
+from .. import record as rec
+from ..errors import UserError
+from ..paths import CONF_DIR
+from ..reaper import reap_once
+from ..record import (
+    CURVE_METRICS,
+    GAP_COMPONENTS,
+    GAP_PREFIX,
+    GAP_TOTAL,
+    MLFLOW_PARENT_RUN_TAG,
+    MLFLOW_RUN_NAME_TAG,
+    REUSED_TAG,
+    VAL_ACCURACY,
+)
+from ..record import STUDY_METRICS as METRICS
+from ..runstore import default_uri, get_run, open_store, run_cli
+from . import design as rd
+from . import plots, text
+from . import stats as rs
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def fetch_runs(scope: Scope) -> pd.DataFrame:
         return mlflow.search_runs(experiment_ids=scope.experiment_ids, output_format="pandas")
     frames = [
         mlflow.search_runs(experiment_ids=scope.experiment_ids, filter_string=f"tags.{tag} = '{scope.parent_filter}'")
-        for tag in ("mlflow.parentRunId", f"`{REUSED_TAG}`")
+        for tag in (MLFLOW_PARENT_RUN_TAG, f"`{REUSED_TAG}`")
     ]
     frames = [f for f in frames if len(f)]
     if not frames:
@@ -95,7 +99,7 @@ def fetch_runs(scope: Scope) -> pd.DataFrame:
 def single_parent(runs: pd.DataFrame, kinds: pd.Series) -> str | None:
     """With --experiment: the sweep's parent when every job of the experiment belongs to one sweep."""
     jobs = runs[~kinds.isin(["parent", "reproduction"])]
-    column = "tags.mlflow.parentRunId"
+    column = f"tags.{MLFLOW_PARENT_RUN_TAG}"
     if column not in jobs or jobs.empty or jobs[column].isna().any() or jobs[column].nunique() != 1:
         return None
     return str(jobs[column].iloc[0])
@@ -130,15 +134,12 @@ class Study:
 
     def at_chance(self, mask: pd.Series | None = None) -> bool | None:
         d = self.distinct(mask)
-        return rd.at_chance(d["val_accuracy"], d["majority"], d["val_count"])
+        return rd.at_chance(d[VAL_ACCURACY], d["majority"], d["val_count"])
 
     def runs_at_chance(self) -> pd.Series:
         v = self.values
         return pd.Series(
-            [
-                rd.run_at_chance(a, m, n)
-                for a, m, n in zip(v["val_accuracy"], v["majority"], v["val_count"], strict=True)
-            ],
+            [rd.run_at_chance(a, m, n) for a, m, n in zip(v[VAL_ACCURACY], v["majority"], v["val_count"], strict=True)],
             index=v.index,
             dtype=object,
         )
@@ -152,8 +153,8 @@ class Study:
 
     def gap_summary(self) -> tuple[pd.DataFrame, pd.Series]:
         """Ranked components (named without ``gap/``) over distinct runs, and the total, with verdicts."""
-        values = self.distinct()[[f"gap/{c}" for c in ("total", *GAP_COMPONENTS)]]
-        values.columns = [c[len("gap/") :] for c in values.columns]
+        values = self.distinct()[[GAP_TOTAL, *(f"{GAP_PREFIX}{c}" for c in GAP_COMPONENTS)]]
+        values.columns = [c[len(GAP_PREFIX) :] for c in values.columns]
         ranking = rs.gap_ranking(values, GAP_COMPONENTS)
         total = rs.summarize(values["total"])
         row = {"component": "total", **vars(total), "p": rs.p_value(total), "p_holm": float("nan")}
@@ -181,7 +182,7 @@ def _boundary(row: pd.Series) -> float | None:
 
 
 def _run_label(row: pd.Series) -> str:
-    name = row.get("tags.mlflow.runName")
+    name = row.get(f"tags.{MLFLOW_RUN_NAME_TAG}")
     return f"{name} ({row['run_id'][:8]})" if isinstance(name, str) else str(row["run_id"])
 
 
@@ -205,8 +206,8 @@ def curves_section(client: mlflow.MlflowClient, finished: pd.DataFrame, out: Pat
     )
     lines = ["## Learning curves of the best and the worst run", ""]
     for role, row in rows.items():
-        acc = row.get("metrics.val_accuracy")
-        name = row.get("tags.mlflow.runName")
+        acc = row.get(f"metrics.{VAL_ACCURACY}")
+        name = row.get(f"tags.{MLFLOW_RUN_NAME_TAG}")
         named = f" ({name})" if isinstance(name, str) else ""
         lines.append(f"- {role}: run `{row['run_id']}`{named}, final val_accuracy {100 * acc:.1f}%")
     return [*lines, "", "![learning curves](learning_curves.png)", ""]
@@ -215,13 +216,13 @@ def curves_section(client: mlflow.MlflowClient, finished: pd.DataFrame, out: Pat
 def runs_table(study: Study, at_chance: pd.Series) -> pd.DataFrame:
     """The raw rows the statistics come from, for anyone who wants to redo them."""
     finished = study.runs
-    frame = pd.DataFrame({"run_id": finished["run_id"], "run_name": finished.get("tags.mlflow.runName")})
+    frame = pd.DataFrame({"run_id": finished["run_id"], "run_name": finished.get(f"tags.{MLFLOW_RUN_NAME_TAG}")})
     for key in rs.REPLICATE_KEYS:
         frame[key] = rs.param_values(finished, key)
     for factor in study.factors:
         frame[factor.name] = factor.levels
     frame["distinct_run"] = study.units
-    frame[rd.WEIGHTS_TAG] = rd.weights_hashes(finished)
+    frame[rec.WEIGHTS_DIGEST_TAG] = rd.weights_hashes(finished)
     frame["at_chance"] = at_chance
     return pd.concat([frame, study.values], axis=1)
 

@@ -1,9 +1,11 @@
 """Never train the same phase 1 twice (config group ``cache``).
 
-Phase 1 (frozen base, head training) depends only on the data, the seed, the base, augmentation,
-dropout, the BN settings, batch size, base LR and initial epochs, not on anything of phase 2. Its end
-state (every model variable: weights, BN statistics, random-seed states), its per-epoch rows and its
-phase metrics are stored content-addressed by a hash of exactly those inputs plus the code and package
+Phase 1 (frozen base, head training) depends on the data, the seed, the base, augmentation, dropout,
+the BN settings, batch size, base LR and initial epochs, not on anything of phase 2. Its end state
+(every model variable: weights, BN statistics, random-seed states), its per-epoch rows and its phase
+metrics are stored content-addressed by a hash of every config key except those the schema marks
+``phase2``, ``recording`` or ``display`` (config.Role: a key added tomorrow is in the key unless
+declared otherwise), with the images and a weights file hashed by content, plus the code and package
 versions. A file lock per entry makes parallel jobs compute each entry once. Entries heal: a bad one
 (truncated, changed, half-written) is detected by its checksums and recomputed, and what killed
 writers leave behind is cleaned up (``Phase1Cache``)."""
@@ -27,11 +29,12 @@ import numpy as np
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from .config import CacheConfig
-from .fingerprints import code_sha256, file_sha256, weights_file
+from ..config import CacheConfig, Role, schema_of, without_roles
+from ..fingerprints import code_sha256, file_sha256, weights_file
+from ..paths import MLRUNS_DIR
+from ..record import MAX_TAG_LENGTH, PHASE1_CACHE_WARNING_TAG
+from ..tracking import package_versions
 from .model import assign_values, copy_values
-from .paths import MLRUNS_DIR
-from .tracking import package_versions
 
 log = logging.getLogger("finetune_ablation")
 
@@ -59,36 +62,22 @@ def cache_dir(cfg: CacheConfig) -> Path:
     return Path(cfg.dir).expanduser() if cfg.dir else MLRUNS_DIR / "cache"
 
 
+# Never in the phase-1 key: phase 2's own settings, where and how runs are recorded, and where the images
+# are (their content is: ``data_fingerprint``).
+NOT_IN_PHASE1_KEY = frozenset({Role.phase2, Role.recording, Role.display, Role.data_source})
+
+
 def phase1_key(cfg: DictConfig, data_fingerprint: str) -> str:
-    """Hash of exactly what phase 1 depends on (and nothing of phase 2)."""
-    m = cfg.model
-    path = weights_file(m.weights)  # demo: the base shipped with the package (pretrain.py)
-    weights = m.weights if path is None else f"file:{file_sha256(path)}"
-    inputs = {
-        "data": {
-            "fingerprint": data_fingerprint,
-            "image_size": cfg.data.image_size,
-            "batch_size": cfg.data.batch_size,
-            "validation_split": cfg.data.validation_split,
-            "seed": cfg.data.seed,
-        },
-        "model": {
-            "name": m.name,
-            "architecture": m.architecture,
-            "alpha": m.alpha,
-            "weights": weights,
-            "dropout": m.dropout,
-            "bn_training": m.bn_training,
-            "calibrate_bn": m.calibrate_bn,
-        },
-        "augment": OmegaConf.to_container(cfg.augment),
-        "train": {"base_lr": cfg.train.base_lr, "initial_epochs": cfg.train.initial_epochs},
-        "diagnostics": str(cfg.diagnostics.level.value),
-        "features": cfg.cache.features,  # equal to float tolerance, not bit for bit: keep entries apart
-        "seed": cfg.seed,
-        "versions": package_versions(),
-        "code": code_sha256(),
-    }
+    """Hash of everything phase 1 may depend on: every config key not classified as outside it."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(container, dict)
+    inputs = without_roles(container, NOT_IN_PHASE1_KEY, schema_of(cfg))
+    path = weights_file(cfg.model.weights)  # demo: the base shipped with the package (pretrain.py)
+    if path is not None:
+        inputs["model"]["weights"] = f"file:{file_sha256(path)}"
+    inputs["data"]["fingerprint"] = data_fingerprint
+    inputs["versions"] = package_versions()
+    inputs["code"] = code_sha256()
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -189,7 +178,7 @@ class Phase1Cache:
         message = f"phase-1 cache entry {key} was bad ({reason}): removed and recomputed"
         log.warning(message)
         if mlflow.active_run() is not None:
-            mlflow.set_tag("phase1_cache_warning", message[:5000])
+            mlflow.set_tag(PHASE1_CACHE_WARNING_TAG, message[:MAX_TAG_LENGTH])
         shutil.rmtree(entry, ignore_errors=True)
         return None
 

@@ -2,7 +2,7 @@
 
     ablate-reproduce 3f2c...  [--tracking-uri URI] [--tolerance 0] [--allow-data-change]
 
-The config is the run's own logged ``config.yaml``, checked as untrusted input (``reproduce_config``)
+The config is the run's own logged ``config.yaml``, checked as untrusted input (``rebuild``)
 and cross-checked against today's ``conf/`` with the run's Hydra overrides. A different dataset stops
 the reproduction (the numbers could not be compared); a different git commit or package versions are
 warnings. The new run is tagged ``reproduced_from=RUN_ID`` and gets ``reproduce/max_abs_diff``; the
@@ -27,13 +27,14 @@ import pandas as pd
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
-from . import tracking
-from .errors import UserError
-from .report_stats import PARENT_ROLE_TAG, PRUNED_TAG, REPRODUCED_TAG
-from .reproduce_config import rebuild
-from .runstore import default_uri, get_run, open_store, run_cli
+from .. import record as rec
+from .. import tracking
+from ..errors import UserError
+from ..runstore import default_uri, get_run, open_store, run_cli
+from .rebuild import rebuild
 
-_NOT_COMPARED = ("reproduce/", "system/")  # written by the reproduction / wall-clock system metrics
+# written by the reproduction / wall-clock system metrics
+_NOT_COMPARED = (rec.REPRODUCE_METRIC_PREFIX, rec.SYSTEM_METRIC_PREFIX)
 History = list[tuple[int, float]]
 
 
@@ -62,9 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_reproducible(run: Run) -> None:
     """Only a finished job can be compared epoch by epoch."""
     rid, tags = run.info.run_id, run.data.tags
-    if tags.get(PARENT_ROLE_TAG) == "parent":
+    if tags.get(rec.ROLE_TAG) == rec.PARENT_ROLE:
         raise UserError(f"run {rid} is a sweep's parent run: reproduce one of its child runs instead")
-    if tags.get(PRUNED_TAG) == "true":
+    if tags.get(rec.PRUNED_TAG) == rec.TRUE:
         raise UserError(f"run {rid} was pruned early: a re-run trains every epoch, so it cannot be compared")
     if run.info.status != "FINISHED":
         raise UserError(f"run {rid} is {run.info.status}: only FINISHED runs can be reproduced")
@@ -73,9 +74,9 @@ def check_reproducible(run: Run) -> None:
 def check_data(cfg: DictConfig, run: Run, allow_change: bool) -> list[str]:
     """Recompute the dataset fingerprint the way the run computed it; a change stops the reproduction
     unless allowed."""
-    from .data import load_datasets  # TensorFlow: only once the config passed every check
+    from ..run.data import load_datasets  # TensorFlow: only once the config passed every check
 
-    logged = run.data.tags.get("data.fingerprint")
+    logged = run.data.tags.get(rec.DATA_FINGERPRINT_TAG)
     try:
         now = load_datasets(cfg.data).fingerprint
     except UserError as exc:
@@ -98,16 +99,15 @@ def environment_warnings(run: Run) -> list[str]:
     """Code and package versions that differ from the run's: the numbers may differ for that reason."""
     tags, out = run.data.tags, []
     git = tracking.git_state()
-    if tags.get("git.commit") not in (None, git["git.commit"]):
-        out.append(
-            f"run was made at git commit {tags['git.commit'][:12]}, this checkout is at {git['git.commit'][:12]}"
-        )
-    if tags.get("git.dirty") == "True":
+    commit = rec.GIT_COMMIT_TAG
+    if tags.get(commit) not in (None, git[commit]):
+        out.append(f"run was made at git commit {tags[commit][:12]}, this checkout is at {git[commit][:12]}")
+    if tags.get(rec.GIT_DIRTY_TAG) == "True":
         out.append("run was made with uncommitted changes (git.dirty=True): its exact code is not recorded")
     for key, now in tracking.package_versions().items():
         then = tags.get(key)
         if then is not None and then != now:
-            out.append(f"{key[len('version.') :]} was {then} for the run, is {now} here")
+            out.append(f"{key.removeprefix(rec.VERSION_TAG_PREFIX)} was {then} for the run, is {now} here")
     return out
 
 
@@ -135,7 +135,7 @@ def reproduction_config(cfg: DictConfig, run: Run, experiment: str, uri: str) ->
     """The logged config, recorded into this store and the original's experiment under a telling name.
     Phase 1 is trained again, never loaded from the phase-1 cache: a reproduction recomputes everything
     (and never writes into a ``cache.dir`` the logged run names)."""
-    name = f"reproduce {run.info.run_name or run.info.run_id}"[:250]
+    name = f"reproduce {run.info.run_name or run.info.run_id}"[: rec.MAX_RUN_NAME_LENGTH]
     return OmegaConf.merge(
         cfg,
         {"tracking": {"uri": uri, "experiment": experiment, "run_name": name}, "cache": {"phase1": False}},
@@ -192,11 +192,11 @@ def compare(original: dict[str, History], again: dict[str, History]) -> Comparis
 
 def record(client: mlflow.MlflowClient, run_id: str, comparison: Comparison, tolerance: float) -> None:
     """The verdict on the new run itself: metric, tags and the per-metric table."""
-    client.log_metric(run_id, "reproduce/max_abs_diff", comparison.max_abs_diff)
-    client.set_tag(run_id, "reproduce.match", str(comparison.matches(tolerance)).lower())
-    client.set_tag(run_id, "reproduce.tolerance", str(tolerance))
+    client.log_metric(run_id, rec.REPRODUCE_DIFF_METRIC, comparison.max_abs_diff)
+    client.set_tag(run_id, rec.REPRODUCE_MATCH_TAG, str(comparison.matches(tolerance)).lower())
+    client.set_tag(run_id, rec.REPRODUCE_TOLERANCE_TAG, str(tolerance))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "reproduce_comparison.csv"
+        path = Path(tmp) / rec.REPRODUCE_COMPARISON_CSV
         comparison.table.to_csv(path, index=False)
         client.log_artifact(run_id, str(path))
 
@@ -211,11 +211,11 @@ def _warn(lines: list[str]) -> None:
 
 def _run_again(cfg: DictConfig, run_id: str) -> str:
     """Train through the same entry point as ``ablate`` and return the new run's id."""
-    from .cli import run_job
+    from ..cli import run_job
 
-    run_job(cfg, extra_tags={REPRODUCED_TAG: run_id})  # a bad input exits 2 with its own error line
+    run_job(cfg, extra_tags={rec.REPRODUCED_TAG: run_id})  # a bad input exits 2 with its own error line
     new = mlflow.last_active_run()
-    if new is None or new.data.tags.get(REPRODUCED_TAG) != run_id:
+    if new is None or new.data.tags.get(rec.REPRODUCED_TAG) != run_id:
         raise UserError(f"the reproduction of run {run_id} did not start a run")
     return new.info.run_id
 
@@ -236,7 +236,7 @@ def reproduce(args: argparse.Namespace) -> int:
         ]
     )
     _warn(environment_warnings(run))
-    from .train import limit_tf_threads  # before check_data starts TF's runtime, or the run's pools are lost
+    from ..run.train import limit_tf_threads  # before check_data starts TF's runtime, or the run's pools are lost
 
     limit_tf_threads(rebuilt.cfg.threads)
     experiment = client.get_experiment(run.info.experiment_id).name

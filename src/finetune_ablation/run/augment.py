@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import keras
 
-from .config import AugmentConfig
+from ..config import AugmentConfig
 
 
 def build_augmentation(cfg: AugmentConfig, seed: int) -> keras.Sequential:
