@@ -209,7 +209,7 @@ def test_pipeline_pixels_equal_an_independent_decoder(image_dir, monkeypatch, bu
     """Whether the scan's decode is kept (a small folder) or the files are read again (past the
     budget), the training split holds each file's pixels as PIL decodes them (Keras's ``load_img``; the
     generated PNGs are already 32 px, so no resize is involved), in the split's order."""
-    from finetune_ablation import data as data_module
+    from finetune_ablation.run import data as data_module
 
     monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", budget)
     data = load_datasets(_data_cfg(image_dir))
