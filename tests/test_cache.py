@@ -19,11 +19,15 @@ def _run(image_dir, uri, cache_dir, *overrides):
 
 
 @pytest.mark.slow
-def test_cached_phase1_gives_bit_identical_runs(image_dir, tracking_uri, tmp_path):
+def test_cached_phase1_gives_bit_identical_runs(image_dir, tracking_uri, tmp_path, capsys):
     cache = tmp_path / "cache"
     plain = _run(image_dir, tracking_uri, None)
     miss = _run(image_dir, tracking_uri, cache)
+    trained_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("phase 1 ")]
     hit = _run(image_dir, tracking_uri, cache)
+    cached_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("phase 1 ")]
+    # a user who runs the same command again still sees phase 1, said to come from the cache
+    assert cached_lines == [f"{line}  (from the phase-1 cache)" for line in trained_lines[-2:]]
     assert plain.data.tags["phase1_cache"] == "off"
     assert miss.data.tags["phase1_cache"] == "miss" and hit.data.tags["phase1_cache"] == "hit"
     for run in (miss, hit):

@@ -90,8 +90,9 @@ def epoch_line(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> s
     return "  ".join(parts)
 
 
-def print_epoch(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> None:
-    print(epoch_line(phase, epoch, epochs, logs), flush=True)
+def print_epoch(phase: int, epoch: int, epochs: int, logs: dict[str, float], note: str = "") -> None:
+    """The epoch's line; ``note`` says where it came from when it was not trained now (the phase-1 cache)."""
+    print(epoch_line(phase, epoch, epochs, logs) + (f"  ({note})" if note else ""), flush=True)
 
 
 def _without_password(uri: str) -> str:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import record as rec
 from ..config import DiagnosticsLevel
+from ..console import print_epoch
 from .augment import build_augmentation
 from .data import Datasets, load_datasets
 from .diagnostics import GapDiagnostics, GapMeter, chance_warning, gap_summary, majority_rate
@@ -197,8 +198,10 @@ def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], 
             return
     freeze_base(clf.base)
     state.restore(clf.model)
-    for row in state.rows:  # every run still holds complete curves
-        recorder.epoch(row["epoch"], {k: v for k, v in row.items() if k not in ("epoch", "phase")})
+    for row in state.rows:  # every run still holds complete curves, and the console shows them
+        metrics = {k: v for k, v in row.items() if k not in ("epoch", "phase")}
+        recorder.epoch(row["epoch"], metrics)
+        print_epoch(1, row["epoch"], len(state.rows), metrics, note="from the phase-1 cache")
     rows.extend(state.rows)
     PhaseRecord(1, state.metrics, state.report).log(recorder)
     recorder.tags({rec.PHASE1_CACHE_TAG: "hit"})
