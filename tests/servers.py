@@ -93,6 +93,13 @@ def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> sub
 # --- MLflow tracking server ---------------------------------------------------------------------------
 
 
+def http_get(url: str) -> str:
+    """The body of a loopback GET (never through a proxy)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as response:
+        return response.read().decode()
+
+
 def _http_ok(url: str) -> bool:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
     try:
@@ -115,10 +122,18 @@ def mlflow_server(workdir: Path, backend_store_uri: str | None = None) -> Iterat
     ]
     # MLflow 3's server also starts a job runner and 7 huey consumers for its GenAI jobs (scorers, trace
     # archival); the suite uses none, and on 2 cores they slow every start down: switch them off.
+    with serving(args, log, f"http://{HOST}:{port}/health", "mlflow server"):
+        yield f"http://{HOST}:{port}"
+
+
+@contextlib.contextmanager
+def serving(args: list[str], log: Path, health_url: str, what: str) -> Iterator[subprocess.Popen]:
+    """An MLflow server process (``mlflow server`` or ``mlflow ui``) from ready (``health_url`` answers
+    200) to stopped with its workers. Its GenAI job runner is off (docs/scaling-out.md)."""
     proc = _spawn(args, log, {**LOOPBACK_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
-        wait_until(lambda: _http_ok(f"http://{HOST}:{port}/health"), "mlflow server", log, proc, timeout=300)
-        yield f"http://{HOST}:{port}"
+        wait_until(lambda: _http_ok(health_url), what, log, proc, timeout=300)
+        yield proc
     finally:
         _stop_group(proc)
 

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -17,6 +12,7 @@ import pytest
 from finetune_ablation.console import epoch_line, where_to_look
 
 from .helpers import FAST, new_store, run_ablate, runs
+from .servers import free_port, http_get, serving
 
 LOGS = {
     "loss": 0.51234,
@@ -89,12 +85,6 @@ def test_start_up_filter_drops_the_chatter_and_keeps_real_messages(tmp_path):
     assert result.stderr.splitlines() == ["W0000 a warning that matters", "python warning", "after"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_run_prints_short_epochs_no_chatter_and_a_ui_command_that_opens_the_run(image_dir, tmp_path):
     uri = new_store(tmp_path)
@@ -123,30 +113,15 @@ def test_a_run_prints_short_epochs_no_chatter_and_a_ui_command_that_opens_the_ru
     assert url == f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
     # The printed command really serves this run (on a free port instead of 5000).
-    port = _free_port()
-    mlflow_exe = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow_exe), *command.split()[1:], "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the server and its workers stop together
-    )
-    try:
-        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}"
-        body = None
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(api, timeout=5) as response:
-                    body = response.read().decode()
-                break
-            except OSError:
-                time.sleep(1)
-        assert body is not None and run.info.run_id in body
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+    port = free_port()
+    args = [
+        str(Path(sys.executable).with_name("mlflow")),
+        *command.split()[1:],
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with serving(args, tmp_path / "mlflow-ui.log", f"http://127.0.0.1:{port}/health", "mlflow ui"):
+        body = http_get(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}")
+    assert run.info.run_id in body
