@@ -190,11 +190,22 @@ def test_hydras_exit_after_an_error_reports_the_error():
 # --- real processes killed -------------------------------------------------------------------------
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: Ctrl-C as a terminal delivers it. A shell without job control starts
+    background commands with SIGINT ignored, and children inherit that (so does a CI started with ``&``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("ablate")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HYDRA_FULL_ERROR": "0"}
     return subprocess.Popen(
-        [str(exe), *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(exe), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_as_from_a_terminal,
     )
 
 
