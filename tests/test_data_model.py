@@ -216,3 +216,25 @@ def test_pipeline_pixels_equal_an_independent_decoder(image_dir, monkeypatch, bu
     ours = np.stack([x.numpy() for x, _ in data.train_images])
     theirs = np.stack([keras.utils.img_to_array(keras.utils.load_img(f.path)) for f in data.train_files])
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_past_the_budget_nothing_is_held_every_epoch_reads_the_files(own_image_dir, monkeypatch):
+    """A large folder streams: each pass over the split reads the files again (memory bounded by the
+    pipeline's buffers), while a small one is decoded once and held. Shown by changing a file's pixels
+    between two passes."""
+    from finetune_ablation.run import data as data_module
+
+    def first_pixels_twice(budget: int) -> tuple[np.ndarray, np.ndarray]:
+        monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", budget)
+        data = load_datasets(_data_cfg(own_image_dir))
+        before = next(iter(data.train_images))[0].numpy()
+        path = data.train_files[0].path
+        keras.utils.save_img(path, 255 - before, scale=False)  # PNG: lossless
+        after = next(iter(data.train_images))[0].numpy()
+        keras.utils.save_img(path, before, scale=False)
+        return before, after
+
+    before, after = first_pixels_twice(0)
+    np.testing.assert_array_equal(after, 255 - before)
+    before, after = first_pixels_twice(1 << 30)
+    np.testing.assert_array_equal(after, before)

@@ -42,7 +42,7 @@ class ImageFile:
 
 @dataclass
 class Datasets:
-    train_images: tf.data.Dataset  # training split, decoded and cached, unbatched, fixed order
+    train_images: tf.data.Dataset  # training split, unbatched, fixed order (in memory, or streamed when large)
     val: tf.data.Dataset  # fixed order, batched
     train_in_order: tf.data.Dataset  # training split, fixed order, batched: for measuring passes
     class_names: list[str]
@@ -260,7 +260,7 @@ class DecodedImages:
         self.pixels[file.path] = _resized(image, self.image_size)
 
 
-IN_MEMORY_BYTES = 1 << 30  # resized float32 pixels kept from the scan: ~3400 images at 224 px
+IN_MEMORY_BYTES = 1 << 30  # resized float32 pixels kept from the scan: ~1,780 images at 224 px, ~3,500 at 160
 
 
 def _images(files: list[ImageFile], class_names: list[str], cfg: DataConfig, decoded: DecodedImages) -> tf.data.Dataset:
@@ -272,13 +272,16 @@ def _images(files: list[ImageFile], class_names: list[str], cfg: DataConfig, dec
         labels_t = tf.reshape(labels_t, (-1, 1))
     if decoded.pixels is not None:  # decoded once, by the scan
         return tf.data.Dataset.from_tensor_slices((tf.stack([decoded.pixels[f.path] for f in files]), labels_t))
+    # too large to hold: stream, reading and decoding the files every epoch, so memory stays bounded by
+    # the pipeline's buffers whatever the folder's size (docs/your-data.md, "Large folders")
     paths = tf.data.Dataset.from_tensor_slices([str(f.path) for f in files])
     images = paths.map(lambda p: _load_image(p, cfg.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-    return tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels_t))).cache()
+    return tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels_t)))
 
 
 def load_datasets(cfg: DataConfig) -> Datasets:
-    """Check the folder, split it the Keras way, and build the cached pipelines."""
+    """Check the folder, split it the Keras way, and build the pipelines: from the scan's decoded pixels
+    while they fit in ``IN_MEMORY_BYTES``, else streamed from the files."""
     if cfg.synthetic:
         from ..demo_data import ensure_demo_dataset
 
