@@ -39,7 +39,6 @@ SAME_BASE_OBJECT_TAG = "answer.same_base_object"
 BASE_LAYERS_TAG = "model.base_layers"
 WEIGHTS_DIGEST_TAG = "model.weights_sha256"  # every model variable hashed: bit-identity in one string
 MODEL_URI_TAG = "model.uri"
-FEATURE_CACHE_TAG = "feature_cache"  # on | off | not used: <reason>
 PHASE1_CACHE_TAG = "phase1_cache"  # hit | miss | off
 PHASE1_CACHE_KEY_TAG = "phase1_cache_key"
 PHASE1_CACHE_WARNING_TAG = "phase1_cache_warning"  # a bad cache entry was removed and recomputed
@@ -47,6 +46,11 @@ AT_CHANCE_TAG = "gap.at_chance"  # true | false
 TIMING_TAG_PREFIX = "timing."  # timing.<phase>_seconds
 ERROR_TAG = "error"  # the suite's one tag for why a run did not finish
 TRUE = "true"
+
+
+def feature_cache_tag(phase: int) -> str:
+    """Whether a phase trained on frozen inputs computed once: ``on: <which>`` | ``off`` | ``not used: <why>``."""
+    return f"feature_cache.phase{phase}"
 
 
 def timing_tag(phase: str) -> str:

@@ -31,7 +31,7 @@ from scipy.stats import binomtest
 
 from ..config import DiagnosticsLevel
 from .augment import augments
-from .feature_cache import why_base_varies
+from .feature_cache import Stage, why_base_varies
 from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
 from .passes import MeasuringPasses
 
@@ -82,25 +82,26 @@ class GapMeter:
     trainable set is final: its passes (passes.MeasuringPasses, traced once per run) are picked for the
     BatchNorm layers trainable now.
 
-    ``dataset`` is the training split in order: image batches, or, with ``precomputed=True``, batches of
-    the frozen base's pooled features (``features.FrozenFeatures``), which all four conditions share.
+    ``dataset`` is the training split in order: image batches, or batches of the frozen inputs that
+    ``feature_cache.compute`` made once (``stage``): the frozen base's pooled features, which all four
+    conditions share, or the frozen bottom's activations, which the top then maps per condition.
     When the base has a frozen bottom (phase 2), the bottom runs once per batch and only the top runs per
     condition; the clean images' bottom activations are computed once per phase if they fit in
     ``clean_bottom_budget`` bytes."""
 
     clean_bottom_budget = 512 * 2**20
 
-    def __init__(self, clf: Classifier, dataset: tf.data.Dataset, seed: int, precomputed: bool = False):
+    def __init__(self, clf: Classifier, dataset: tf.data.Dataset, seed: int, stage: Stage | None = None):
         self.clf = clf
         self.dataset = dataset
         self.seed = seed
-        self.precomputed = precomputed
+        self.stage = stage
         self.passes = MeasuringPasses.of(clf)
         self.bns = batchnorm_layers(clf.base)
         self.has_trainable_bn = any(bn.trainable for bn in self.bns)
         self.base_is_stochastic = has_random_layers(clf.base)
         self.augments = augments(clf.augmentation)
-        self._split = None if precomputed else self.passes.split()
+        self._split = None if stage == "pooled" else self.passes.split()
         # Without trainable BN and random layers, training mode computes what inference mode computes:
         # one traced pass serves both (phase 1; phase 2 with freeze_bn=true).
         if self.has_trainable_bn or self.base_is_stochastic:
@@ -136,8 +137,11 @@ class GapMeter:
 
     def _split_base(self, augmented):
         """The same three, with the frozen bottom run once and only the top per condition."""
+        return self._tops(self._split.bottom(augmented))
+
+    def _tops(self, crossing):
+        """The same three from the frozen bottom's activations: only the top runs per condition."""
         split = self._split
-        crossing = split.bottom(augmented)
         mask_state = copy_values(self._base_seeds)
         f_train = self._top_train(*crossing)
         if self.has_trainable_bn:
@@ -175,8 +179,12 @@ class GapMeter:
         computed: list = []
         self._kept_bytes = 0
         for index, (x, y) in enumerate(self.dataset):
-            if self.precomputed:  # a frozen, deterministic base on un-augmented images: one feature set
+            if self.stage == "pooled":  # a frozen, deterministic base on un-augmented images: one feature set
                 yield y, x, x, x, x
+                continue
+            if self.stage == "bottom":  # un-augmented images: the clean pass is the no-dropout pass
+                f_train, f_no_bn, f_no_drop = self._tops(list(x) if isinstance(x, tuple) else [x])
+                yield y, f_train, f_no_bn, f_no_drop, f_no_drop
                 continue
             augmented = self.passes.augment(x) if self.augments else x
             f_train, f_no_bn, f_no_drop = (self._split_base if self._split else self._whole_base)(augmented)

@@ -69,7 +69,7 @@ class FrozenBottom:
                     crossing.append(tensor)
         self.specs = [tf.TensorSpec(t.shape, tf.float32) for t in crossing]
         self.bottom = keras.Model(base.inputs, crossing, name=f"{base.name}_frozen_bottom")
-        self.top = keras.Model(crossing, base.outputs, name=f"{base.name}_top")
+        self.top = keras.Model(crossing, base.output, name=f"{base.name}_top")  # one tensor, as base returns
 
     @staticmethod
     def cut_of(base: keras.Model) -> int | None:
@@ -103,6 +103,7 @@ class MeasuringPasses:
         self.head_infer = tf.function(lambda f: clf.head(f), **pooled)
         self._features_train: dict[tuple[bool, ...], tf.types.experimental.GenericFunction] = {}
         self._bottoms: dict[int, SplitPasses] = {}
+        self._frozen: dict[int, FrozenBottom] = {}
         self._image_spec = images
 
     def _no_bn(self, forward, *inputs):
@@ -128,6 +129,12 @@ class MeasuringPasses:
             )
         return self._features_train[key]
 
+    def frozen_bottom(self, cut: int) -> FrozenBottom:
+        """The base cut at layer ``cut`` (built once per cut)."""
+        if cut not in self._frozen:
+            self._frozen[cut] = FrozenBottom(self.clf.base, cut)
+        return self._frozen[cut]
+
     def split(self) -> SplitPasses | None:
         """The base cut at its frozen bottom as it is now, with its traced passes (None: no useful cut)."""
         cut = FrozenBottom.cut_of(self.clf.base)
@@ -135,7 +142,7 @@ class MeasuringPasses:
             return None
         clf = self.clf
         if cut not in self._bottoms:
-            frozen = FrozenBottom(clf.base, cut)
+            frozen = self.frozen_bottom(cut)
             spec = {"input_signature": frozen.specs}
             self._bottoms[cut] = SplitPasses(
                 cut,

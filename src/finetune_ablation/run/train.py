@@ -22,11 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from .. import record as rec
 from ..config import DiagnosticsLevel
 from ..console import print_epoch
+from . import feature_cache
 from .augment import build_augmentation
 from .data import Datasets, load_datasets
 from .diagnostics import GapDiagnostics, GapMeter, chance_warning, gap_summary, majority_rate
 from .epoch_logger import EpochLogger
-from .feature_cache import FrozenFeatures, extract_features, why_not_cacheable
+from .feature_cache import FrozenInputs
 from .model import (
     Classifier,
     bn_moving_stats,
@@ -126,18 +127,18 @@ def _run_phase(
     rows: list[dict],
     extra_callbacks: list[keras.callbacks.Callback],
     recorder: Recorder,
-    features: FrozenFeatures | None = None,
 ) -> PhaseRecord:
     """Compile with a new optimizer, fit ``epochs`` epochs numbered from ``first_epoch``, measure.
-    With ``features``, the head is trained on the frozen base's cached features instead of images."""
-    model, source = (features.model, features) if features else (clf.model, data)
+    Where the frozen part of the base is fixed, what lies above it is trained on its output, computed once."""
+    inputs = _frozen_inputs(clf, data, cfg, phase, recorder)
+    model, source = (inputs.model, inputs) if inputs else (clf.model, data)
     compile_fresh(model, clf.binary, learning_rate)
     summary = {k: float(v) for k, v in trainable_summary(clf).items()}
     report = trainable_report(clf)
     last_epoch = first_epoch + epochs - 1
     callbacks: list[keras.callbacks.Callback] = []
     if cfg.diagnostics.level != DiagnosticsLevel.off:
-        meter = GapMeter(clf, source.train_in_order, cfg.seed, precomputed=features is not None)
+        meter = GapMeter(clf, source.train_in_order, cfg.seed, inputs.stage if inputs else None)
         callbacks.append(GapDiagnostics(meter, cfg.diagnostics.level, last_epoch, len(data.val_files)))
     callbacks.append(EpochLogger(phase, rows, recorder))
     callbacks.extend(extra_callbacks)
@@ -157,17 +158,21 @@ def _run_phase(
     return record
 
 
-def _frozen_features(clf: Classifier, data: Datasets, cfg: DictConfig, recorder: Recorder) -> FrozenFeatures | None:
-    """The frozen base's features, computed once, when ``cache.features`` is on and they are fixed."""
+def _frozen_inputs(
+    clf: Classifier, data: Datasets, cfg: DictConfig, phase: int, recorder: Recorder
+) -> FrozenInputs | None:
+    """The frozen part's output, computed once, when ``cache.features`` is on and it is fixed; the phase's
+    tag says which part, or why none."""
+    tag = rec.feature_cache_tag(phase)
     if not cfg.cache.features:
-        recorder.tags({rec.FEATURE_CACHE_TAG: "off"})
+        recorder.tags({tag: "off"})
         return None
-    reason = why_not_cacheable(clf)
-    if reason:
-        recorder.tags({rec.FEATURE_CACHE_TAG: f"not used: {reason}"})
+    the_plan = feature_cache.plan(clf, len(data.train_files) + len(data.val_files))
+    if the_plan.stage is None:
+        recorder.tags({tag: f"not used: {the_plan.reason}"})
         return None
-    recorder.tags({rec.FEATURE_CACHE_TAG: "on"})
-    return extract_features(clf, data)
+    recorder.tags({tag: f"on: {the_plan.reason}"})
+    return feature_cache.compute(clf, data, the_plan)
 
 
 def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], recorder: Recorder) -> None:
@@ -178,9 +183,8 @@ def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], 
             batches = [x.numpy() for x, _ in data.train_in_order.take(max(1, 256 // cfg.data.batch_size))]
             calibrate_batchnorm(clf.base, clf.preprocess, np.concatenate(batches))
         freeze_base(clf.base)
-        features = _frozen_features(clf, data, cfg, recorder)
         t = cfg.train
-        return _run_phase(clf, data, cfg, 1, t.base_lr, 0, t.initial_epochs, rows, [], recorder, features)
+        return _run_phase(clf, data, cfg, 1, t.base_lr, 0, t.initial_epochs, rows, [], recorder)
 
     if not cfg.cache.phase1:
         recorder.tags({rec.PHASE1_CACHE_TAG: "off"})
