@@ -11,12 +11,16 @@ same machine, interleaved when ``--repeats`` > 1, so machine noise hits both sid
 2. diagnostics full (and final)  vs  off: wall time
 3. the unfreeze_depth study with the phase-1 cache  vs  without: speed-up against the Amdahl bound that
    phase-1 reuse allows, and whether metrics are identical
+3b. the same study with augment=none, reusing phase 1 and training on frozen inputs computed once  vs
+   neither, and how far the metrics are apart (float tolerance)
 4. phase 1 with augment=none, feature cache on  vs  off: speed-up of phase 1 (its ``timing.phase1_seconds``)
 5. images/s of the suite's frozen and unfrozen phases  vs  raw ``model.fit`` on in-memory arrays and
    ``base.predict`` of the same model (the ceiling)
-6. peak resident memory of one run, and the feature cache's size per 1000 images (printed)
+6. peak resident memory of one run, the frozen inputs' size per 1000 images, and the resident memory at
+   the end of every phase-2 epoch (benchmarks/memory_per_epoch.py): does a run grow while it trains?
 
-The table is printed and written to ``--out`` (CSV)."""
+Each row is printed as soon as it is measured; at the end the table is printed again and written to
+``--out`` (CSV). At the course's sizes a run takes about 45 minutes on 2 idle cores."""
 
 from __future__ import annotations
 
@@ -176,6 +180,7 @@ def ceiling_throughput(bench: Bench) -> dict[str, float]:
     from finetune_ablation.run.augment import build_augmentation
     from finetune_ablation.run.data import load_datasets
     from finetune_ablation.run.model import build_classifier, freeze_base, load_base, unfreeze_top
+    from finetune_ablation.run.passes import FrozenBottom
     from finetune_ablation.run.train import compile_fresh, seed_everything
 
     s = bench.sizes
@@ -207,12 +212,15 @@ def ceiling_throughput(bench: Bench) -> dict[str, float]:
     unfreeze_top(base, 120, freeze_bn=False)
     unfrozen_fit = fit_rate(1e-4, s.fine_tune_epochs)
     feature_bytes = 4 * int(np.prod(clf.pooled_shape))
+    cut = FrozenBottom.cut_of(base)
+    bottom_bytes = sum(4 * int(spec.shape[1:].num_elements()) for spec in FrozenBottom(base, cut).specs)
     return {
         "frozen_fit": frozen_fit,
         "predict": predict,
         "unfrozen_fit": unfrozen_fit,
         "per_epoch": per_epoch,
         "feature_bytes": feature_bytes,
+        "bottom_bytes": bottom_bytes,
     }
 
 
@@ -252,6 +260,35 @@ def _row(number: str, what: str, a: tuple[str, float], b: tuple[str, float], tar
     }
 
 
+def emit(rows: list[dict], row: dict) -> None:
+    """Keep a row and print it at once: a long run shows each number as soon as it is measured."""
+    rows.append(row)
+    fields = [row["benchmark"], row["what"], row["a"], row["b"], str(row["ratio"]), row["target"], row["met"]]
+    print(" | ".join(fields) + (f"  ({row['note']})" if row["note"] else ""), flush=True)
+
+
+def relative_differences(bench: Bench, first: str, second: str, key: str) -> tuple[float, int, int]:
+    """Largest relative difference of metric ``key`` between two sweeps' jobs (matched by fine_tune_at),
+    and in how many jobs its final value is equal."""
+    client = mlflow.MlflowClient(bench.uri)
+    a = {r.data.params["model.fine_tune_at"]: r for r in bench.runs(first)}
+    b = {r.data.params["model.fine_tune_at"]: r for r in bench.runs(second)}
+    largest, equal_final = 0.0, 0
+    for depth, run in a.items():
+        left = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        right = {m.step: m.value for m in client.get_metric_history(b[depth].info.run_id, key)}
+        largest = max(largest, *(abs(left[k] - right[k]) / max(abs(right[k]), 1e-12) for k in left))
+        equal_final += left[max(left)] == right[max(right)]
+    return largest, equal_final, len(a)
+
+
+def resident_per_epoch(bench: Bench, *overrides: str) -> list[float]:
+    """RSS (MiB) at the end of each phase-2 epoch of one run (benchmarks/memory_per_epoch.py)."""
+    settings = {**bench.common(), **dict(o.split("=", 1) for o in overrides), "tracking.experiment": "bench-memory"}
+    args = [sys.executable, str(HERE / "memory_per_epoch.py"), bench.uri, *(f"{k}={v}" for k, v in settings.items())]
+    return json.loads(_timed(args, bench.root)[1].strip().splitlines()[-1])["phase2_epoch_end_mib"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the speed")
@@ -259,6 +296,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "speed.csv"))
     args = parser.parse_args()
     sizes = QUICK if args.quick else COURSE
+    med = statistics.median
+    rows: list[dict] = []
 
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), sizes)
@@ -284,6 +323,52 @@ def main() -> None:
                 experiment = bench.ablate(*phase1_only, f"cache.features={flag}")[1]
                 times.append(_seconds(bench.run(experiment), "phase1"))
 
+        emit(
+            rows,
+            _row(
+                "1",
+                "one run, diagnostics=off vs plain Keras script (wall s)",
+                ("suite", med(off)),
+                ("plain", med(plain)),
+                "<=1.10x",
+                "includes start-up: imports, checking every image, MLflow logging, plots",
+            ),
+        )
+        emit(
+            rows,
+            _row(
+                "1b",
+                "the two phases only, diagnostics=off vs plain Keras script (s)",
+                ("suite", med(off_phases)),
+                ("plain", med(plain_phases)),
+                "<=1.10x",
+                "from compile to the end of fit, each phase (timing.phase*_seconds tags)",
+            ),
+        )
+        emit(rows, _row("2", "diagnostics=full vs off (wall s)", ("full", med(full)), ("off", med(off)), "<=1.3x"))
+        emit(
+            rows,
+            _row(
+                "2b",
+                "diagnostics=final vs off (wall s)",
+                ("final", med(final)),
+                ("off", med(off)),
+                "<=1.10x",
+                "measures the last epoch of each phase only",
+            ),
+        )
+        emit(
+            rows,
+            _row(
+                "4",
+                "phase 1 with augment=none: speed-up of the feature cache (phase-1 s)",
+                ("uncached", med(feat_off)),
+                ("cached", med(feat_on)),
+                ">=5x",
+                "diagnostics=full (the default)",
+            ),
+        )
+
         depths = "model.fine_tune_at=" + ",".join(str(d) for d in sizes.depths)
         study = ["experiment=unfreeze_depth", depths, "hydra/launcher=basic"]
         uncached_wall, uncached = bench.ablate(*study, "cache.phase1=false", multirun=True)
@@ -293,89 +378,86 @@ def main() -> None:
             name: [sum(_seconds(r, phase) for r in bench.runs(sweep)) for phase in ("phase1", "phase2")]
             for name, sweep in (("uncached", uncached), ("cached", cached))
         }
+        bound = amdahl_bound(uncached_wall, phase_totals["uncached"][0], len(sizes.depths))
+        emit(
+            rows,
+            _row(
+                "3",
+                f"unfreeze_depth study, {len(sizes.depths)} depths: speed-up of the phase-1 cache (wall s)",
+                ("uncached", uncached_wall),
+                ("cached", cached_wall),
+                f">={0.9 * bound:.2f}x",
+                f"target: 0.9 of the Amdahl bound {bound:.2f}x that phase-1 reuse allows; identical metrics: "
+                f"{'yes' if same else 'NO'} ({values} values compared); phase 1 in all "
+                f"runs {phase_totals['uncached'][0]:.0f} s -> {phase_totals['cached'][0]:.0f} s, phase 2 "
+                f"{phase_totals['uncached'][1]:.0f} s -> {phase_totals['cached'][1]:.0f} s",
+            ),
+        )
+
+        clean = [*study, "augment=none"]
+        plain_wall, plain_study = bench.ablate(*clean, "cache.phase1=false", "cache.features=false", multirun=True)
+        reused_wall, reused_study = bench.ablate(*clean, "cache.phase1=true", "cache.features=true", multirun=True)
+        largest, equal_final, jobs = relative_differences(bench, reused_study, plain_study, "val_loss")
+        used = sorted({r.data.tags.get("feature_cache.phase2", "?").split(":")[0] for r in bench.runs(reused_study)})
+        emit(
+            rows,
+            _row(
+                "3b",
+                "the same study with augment=none: phase-1 cache and frozen inputs vs neither (wall s)",
+                ("neither", plain_wall),
+                ("both", reused_wall),
+                ">=3x",
+                f"phase 2 on the frozen bottom computed once (feature_cache.phase2: {', '.join(used)}); equal to "
+                f"float tolerance: final val_accuracy equal in {equal_final} of {jobs} jobs, largest val_loss "
+                f"difference {largest:.1e} relative",
+            ),
+        )
 
         ceiling = ceiling_throughput(bench)
-        bound = amdahl_bound(uncached_wall, phase_totals["uncached"][0], len(sizes.depths))
+        frozen = ceiling["per_epoch"] * sizes.initial_epochs / _seconds(off_run, "phase1")
+        unfrozen = ceiling["per_epoch"] * sizes.fine_tune_epochs / _seconds(off_run, "phase2")
+        for number, what, suite, reference, name in (
+            ("5a", "frozen phase vs raw model.fit on arrays (images/s)", frozen, "frozen_fit", "raw fit"),
+            ("5b", "unfrozen phase vs raw model.fit on arrays (images/s)", unfrozen, "unfrozen_fit", "raw fit"),
+        ):
+            emit(
+                rows,
+                _row(
+                    number,
+                    what,
+                    ("suite", suite),
+                    (name, ceiling[reference]),
+                    ">=0.8x",
+                    "both include compile and tracing",
+                ),
+            )
+        emit(
+            rows,
+            _row(
+                "5c",
+                "frozen phase vs base.predict, steady state (images/s)",
+                ("suite", frozen),
+                ("predict", ceiling["predict"]),
+                ">=0.8x",
+                "the hard ceiling: forward pass only, no tracing",
+            ),
+        )
 
-    frozen = ceiling["per_epoch"] * sizes.initial_epochs / _seconds(off_run, "phase1")
-    unfrozen = ceiling["per_epoch"] * sizes.fine_tune_epochs / _seconds(off_run, "phase2")
-    med = statistics.median
-    rows = [
-        _row(
-            "1",
-            "one run, diagnostics=off vs plain Keras script (wall s)",
-            ("suite", med(off)),
-            ("plain", med(plain)),
-            "<=1.10x",
-            "includes start-up: imports, checking every image, MLflow logging, plots",
-        ),
-        _row(
-            "1b",
-            "the two phases only, diagnostics=off vs plain Keras script (s)",
-            ("suite", med(off_phases)),
-            ("plain", med(plain_phases)),
-            "<=1.10x",
-            "from compile to the end of fit, each phase (timing.phase*_seconds tags)",
-        ),
-        _row("2", "diagnostics=full vs off (wall s)", ("full", med(full)), ("off", med(off)), "<=1.3x"),
-        _row(
-            "2b",
-            "diagnostics=final vs off (wall s)",
-            ("final", med(final)),
-            ("off", med(off)),
-            "<=1.10x",
-            "measures the last epoch of each phase only",
-        ),
-        _row(
-            "3",
-            f"unfreeze_depth study, {len(sizes.depths)} depths: speed-up of the phase-1 cache (wall s)",
-            ("uncached", uncached_wall),
-            ("cached", cached_wall),
-            f">={0.9 * bound:.2f}x",
-            f"target: 0.9 of the Amdahl bound {bound:.2f}x that phase-1 reuse allows; identical metrics: "
-            f"{'yes' if same else 'NO'} ({values} values compared); phase 1 in all "
-            f"runs {phase_totals['uncached'][0]:.0f} s -> {phase_totals['cached'][0]:.0f} s, phase 2 "
-            f"{phase_totals['uncached'][1]:.0f} s -> {phase_totals['cached'][1]:.0f} s",
-        ),
-        _row(
-            "4",
-            "phase 1 with augment=none: speed-up of the feature cache (phase-1 s)",
-            ("uncached", med(feat_off)),
-            ("cached", med(feat_on)),
-            ">=5x",
-            "diagnostics=full (the default)",
-        ),
-        _row(
-            "5a",
-            "frozen phase vs raw model.fit on arrays (images/s)",
-            ("suite", frozen),
-            ("raw fit", ceiling["frozen_fit"]),
-            ">=0.8x",
-            "both include compile and tracing",
-        ),
-        _row(
-            "5b",
-            "unfrozen phase vs raw model.fit on arrays (images/s)",
-            ("suite", unfrozen),
-            ("raw fit", ceiling["unfrozen_fit"]),
-            ">=0.8x",
-            "both include compile and tracing",
-        ),
-        _row(
-            "5c",
-            "frozen phase vs base.predict, steady state (images/s)",
-            ("suite", frozen),
-            ("predict", ceiling["predict"]),
-            ">=0.8x",
-            "the hard ceiling: forward pass only, no tracing",
-        ),
-        _printed(
-            "6",
-            "peak memory (RSS) of one run, diagnostics=off; the feature cache per 1000 images",
-            f"{off_rss:.0f} MB; {ceiling['feature_bytes'] * 1000 / 2**20:.1f} MB",
-            "feature cache: the pooled float32 features of 1000 images (growth across epochs: not measured)",
-        ),
-    ]
+        sizes_mib = resident_per_epoch(bench, "diagnostics=full", "cache.phase1=false")
+        growth = sizes_mib[-1] - sizes_mib[1] if len(sizes_mib) > 2 else 0.0
+        emit(
+            rows,
+            _printed(
+                "6",
+                "peak memory (RSS) of one run, diagnostics=off; frozen inputs per 1000 images",
+                f"{off_rss:.0f} MB; features {ceiling['feature_bytes'] * 1000 / 2**20:.1f} MB, bottom at depth "
+                f"120 {ceiling['bottom_bytes'] * 1000 / 2**20:.0f} MB",
+                f"RSS at the end of each phase-2 epoch (diagnostics=full): {sizes_mib} MiB; growth from the "
+                f"second to the last epoch {growth:+.1f} MiB",
+            ),
+        )
+
+    rows.sort(key=lambda row: (int(row["benchmark"][0]), row["benchmark"]))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     s = sizes
     setup = (

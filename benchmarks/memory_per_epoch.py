@@ -1,0 +1,56 @@
+"""Resident memory of one run at the end of every phase-2 epoch: does a run grow while it trains?
+
+    python benchmarks/memory_per_epoch.py TRACKING_URI OVERRIDE ...
+
+Composes ``conf/`` with the overrides exactly as ``ablate`` does and runs the training in this process
+inside one MLflow run, with a callback that reads this process's resident set size (``/proc/self/statm``)
+after each phase-2 epoch. Prints the sizes (MiB) as JSON. Used by benchmarks/speed.py, row 6."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import mlflow
+from hydra import compose, initialize_config_dir
+
+from finetune_ablation.config import register_configs
+from finetune_ablation.paths import CONF_DIR
+from finetune_ablation.run.train import train_and_log
+
+
+def resident_mib() -> float:
+    """This process's resident set size now (not its peak)."""
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class ResidentPerEpoch(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[float] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.sizes.append(round(resident_mib(), 1))
+
+
+def main() -> None:
+    uri, overrides = sys.argv[1], sys.argv[2:]
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"tracking.uri={uri}"])
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    callback = ResidentPerEpoch()
+    with mlflow.start_run():
+        train_and_log(cfg, [callback])
+    print(json.dumps({"phase2_epoch_end_mib": callback.sizes}))
+
+
+if __name__ == "__main__":
+    main()
