@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/speed.py            # the course's sizes: 160 px, batch 32, 300 images
     .venv/bin/python benchmarks/speed.py --quick    # tiny sizes: checks the script, numbers mean little
+    .venv/bin/python benchmarks/speed.py --only 3b,6  # some groups: 1 (with 1b, 2, 2b, 4), 3, 3b, 5, 6
 
 Every suite measurement is a real ``ablate`` command in a subprocess (as a user runs it), on generated
 images, with MLflow and the caches in a temporary folder. Ratios compare runs made minutes apart on the
@@ -20,7 +21,8 @@ same machine, interleaved when ``--repeats`` > 1, so machine noise hits both sid
    the end of every phase-2 epoch (benchmarks/memory_per_epoch.py): does a run grow while it trains?
 
 Each row is printed as soon as it is measured; at the end the table is printed again and written to
-``--out`` (CSV). At the course's sizes a run takes about 45 minutes on 2 idle cores."""
+``--out`` (CSV). At the course's sizes all groups take one to two hours on 2 idle cores (group 1 about
+12 minutes, 3 and 3b about 45 and 30)."""
 
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class Sizes:
 
 COURSE = Sizes(160, 32, 150, 5, 5, (0, 60, 100, 120, 140, 154))  # the unfreeze_depth study's depths
 QUICK = Sizes(32, 8, 20, 1, 1, (100, 154))
+GROUPS = ("1", "3", "3b", "5", "6")  # --only: 1 also measures 1b, 2, 2b and 4; 5 is 5a-5c
 LEARNING_RATES = ("1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3")  # benchmark 3b's search
 
 
@@ -181,7 +184,6 @@ def ceiling_throughput(bench: Bench) -> dict[str, float]:
     from finetune_ablation.run.augment import build_augmentation
     from finetune_ablation.run.data import load_datasets
     from finetune_ablation.run.model import build_classifier, freeze_base, load_base, unfreeze_top
-    from finetune_ablation.run.passes import FrozenBottom
     from finetune_ablation.run.train import compile_fresh, seed_everything
 
     s = bench.sizes
@@ -212,17 +214,32 @@ def ceiling_throughput(bench: Bench) -> dict[str, float]:
     predict = per_epoch / (time.perf_counter() - started)
     unfreeze_top(base, 120, freeze_bn=False)
     unfrozen_fit = fit_rate(1e-4, s.fine_tune_epochs)
-    feature_bytes = 4 * int(np.prod(clf.pooled_shape))
-    cut = FrozenBottom.cut_of(base)
-    bottom_bytes = sum(4 * int(spec.shape[1:].num_elements()) for spec in FrozenBottom(base, cut).specs)
+
     return {
         "frozen_fit": frozen_fit,
         "predict": predict,
         "unfrozen_fit": unfrozen_fit,
         "per_epoch": per_epoch,
-        "feature_bytes": feature_bytes,
-        "bottom_bytes": bottom_bytes,
     }
+
+
+def frozen_input_bytes(image_size: int) -> dict[str, int]:
+    """Bytes per image of the frozen inputs (run/feature_cache.py): pooled features, and the frozen
+    bottom's activations at the default depth (fine_tune_at=120)."""
+    import numpy as np
+
+    from finetune_ablation.config import AugmentConfig, ModelConfig
+    from finetune_ablation.run.augment import build_augmentation
+    from finetune_ablation.run.model import build_classifier, load_base, unfreeze_top
+    from finetune_ablation.run.passes import FrozenBottom
+
+    model_cfg = ModelConfig(weights=None)
+    base = load_base(model_cfg, image_size)
+    clf = build_classifier(model_cfg, base, build_augmentation(AugmentConfig(), 42), 2, image_size)
+    unfreeze_top(base, 120, freeze_bn=False)
+    specs = FrozenBottom(base, FrozenBottom.cut_of(base)).specs
+    pooled = 4 * int(np.prod(clf.pooled_shape))
+    return {"pooled": pooled, "bottom": sum(4 * int(spec.shape[1:].num_elements()) for spec in specs)}
 
 
 def _printed(number: str, what: str, value: str, note: str = "") -> dict:
@@ -295,7 +312,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the speed")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of benchmarks 1, 2 and 4")
     parser.add_argument("--out", default=str(HERE / "speed.csv"))
+    parser.add_argument(
+        "--only", default=",".join(GROUPS), help=f"comma-separated groups of benchmarks, of {', '.join(GROUPS)}"
+    )
     args = parser.parse_args()
+    wanted = set(args.only.split(","))
+    if not wanted <= set(GROUPS):
+        parser.error(f"--only takes groups of {', '.join(GROUPS)}, not {', '.join(sorted(wanted - set(GROUPS)))}")
     sizes = QUICK if args.quick else COURSE
     med = statistics.median
     rows: list[dict] = []
@@ -307,7 +330,10 @@ def main() -> None:
 
         plain, plain_phases, off, off_phases, full, final, feat_on, feat_off = [], [], [], [], [], [], [], []
         off_run = None
-        for _ in range(args.repeats):
+        if wanted & {"5", "6"} and "1" not in wanted:  # rows 5 and 6 read the plain run of group 1
+            wall, experiment = bench.ablate("diagnostics=off", "cache.phase1=false")
+            off_rss, off_run = bench.peak_rss_mb[experiment], bench.run(experiment)
+        for _ in range(args.repeats if "1" in wanted else 0):
             wall, phases = bench.plain_keras()
             plain.append(wall)
             plain_phases.append(phases["phase1_seconds"] + phases["phase2_seconds"])
@@ -324,143 +350,153 @@ def main() -> None:
                 experiment = bench.ablate(*phase1_only, f"cache.features={flag}")[1]
                 times.append(_seconds(bench.run(experiment), "phase1"))
 
-        emit(
-            rows,
-            _row(
-                "1",
-                "one run, diagnostics=off vs plain Keras script (wall s)",
-                ("suite", med(off)),
-                ("plain", med(plain)),
-                "<=1.10x",
-                "includes start-up: imports, checking every image, MLflow logging, plots",
-            ),
-        )
-        emit(
-            rows,
-            _row(
-                "1b",
-                "the two phases only, diagnostics=off vs plain Keras script (s)",
-                ("suite", med(off_phases)),
-                ("plain", med(plain_phases)),
-                "<=1.10x",
-                "from compile to the end of fit, each phase (timing.phase*_seconds tags)",
-            ),
-        )
-        emit(rows, _row("2", "diagnostics=full vs off (wall s)", ("full", med(full)), ("off", med(off)), "<=1.3x"))
-        emit(
-            rows,
-            _row(
-                "2b",
-                "diagnostics=final vs off (wall s)",
-                ("final", med(final)),
-                ("off", med(off)),
-                "<=1.10x",
-                "measures the last epoch of each phase only",
-            ),
-        )
-        emit(
-            rows,
-            _row(
-                "4",
-                "phase 1 with augment=none: speed-up of the feature cache (phase-1 s)",
-                ("uncached", med(feat_off)),
-                ("cached", med(feat_on)),
-                ">=5x",
-                "diagnostics=full (the default)",
-            ),
-        )
-
-        depths = "model.fine_tune_at=" + ",".join(str(d) for d in sizes.depths)
-        study = ["experiment=unfreeze_depth", depths, "hydra/launcher=basic"]
-        uncached_wall, uncached = bench.ablate(*study, "cache.phase1=false", multirun=True)
-        cached_wall, cached = bench.ablate(*study, "cache.phase1=true", multirun=True)
-        same, values = identical_metrics(bench, cached, uncached)
-        phase_totals = {
-            name: [sum(_seconds(r, phase) for r in bench.runs(sweep)) for phase in ("phase1", "phase2")]
-            for name, sweep in (("uncached", uncached), ("cached", cached))
-        }
-        bound = amdahl_bound(uncached_wall, phase_totals["uncached"][0], len(sizes.depths))
-        emit(
-            rows,
-            _row(
-                "3",
-                f"unfreeze_depth study, {len(sizes.depths)} depths: speed-up of the phase-1 cache (wall s)",
-                ("uncached", uncached_wall),
-                ("cached", cached_wall),
-                f">={0.9 * bound:.2f}x",
-                f"target: 0.9 of the Amdahl bound {bound:.2f}x that phase-1 reuse allows; identical metrics: "
-                f"{'yes' if same else 'NO'} ({values} values compared); phase 1 in all "
-                f"runs {phase_totals['uncached'][0]:.0f} s -> {phase_totals['cached'][0]:.0f} s, phase 2 "
-                f"{phase_totals['uncached'][1]:.0f} s -> {phase_totals['cached'][1]:.0f} s",
-            ),
-        )
-
-        # 3b: a learning-rate search of 6 trials at the default depth, as a grid (the basic sweeper: the same
-        # six rates on both sides, no sampler or pruner deciding differently on float-tolerance-equal metrics)
-        search = ["augment=none", "hydra/launcher=basic", "train.fine_tune_lr=" + ",".join(LEARNING_RATES)]
-        plain_wall, plain_search = bench.ablate(*search, "cache.phase1=false", "cache.features=false", multirun=True)
-        reused_wall, reused_search = bench.ablate(*search, "cache.phase1=true", "cache.features=true", multirun=True)
-        largest, equal_final, jobs = relative_differences(bench, reused_search, plain_search, "val_loss")
-        used = sorted({r.data.tags.get("feature_cache.phase2", "?") for r in bench.runs(reused_search)})
-        phase2 = [sum(_seconds(r, "phase2") for r in bench.runs(x)) for x in (plain_search, reused_search)]
-        emit(
-            rows,
-            _row(
-                "3b",
-                f"{len(LEARNING_RATES)}-trial fine_tune_lr search, augment=none: phase-1 cache and frozen inputs "
-                "vs neither (wall s)",
-                ("neither", plain_wall),
-                ("both", reused_wall),
-                ">=3x",
-                f"phase 2 in all runs {phase2[0]:.0f} s -> {phase2[1]:.0f} s ({'; '.join(used)}); equal to float "
-                f"tolerance: final val_loss equal in {equal_final} of {jobs} jobs, largest val_loss difference "
-                f"{largest:.1e} relative",
-            ),
-        )
-
-        ceiling = ceiling_throughput(bench)
-        frozen = ceiling["per_epoch"] * sizes.initial_epochs / _seconds(off_run, "phase1")
-        unfrozen = ceiling["per_epoch"] * sizes.fine_tune_epochs / _seconds(off_run, "phase2")
-        for number, what, suite, reference, name in (
-            ("5a", "frozen phase vs raw model.fit on arrays (images/s)", frozen, "frozen_fit", "raw fit"),
-            ("5b", "unfrozen phase vs raw model.fit on arrays (images/s)", unfrozen, "unfrozen_fit", "raw fit"),
-        ):
+        if "1" in wanted:
             emit(
                 rows,
                 _row(
-                    number,
-                    what,
-                    ("suite", suite),
-                    (name, ceiling[reference]),
-                    ">=0.8x",
-                    "both include compile and tracing",
+                    "1",
+                    "one run, diagnostics=off vs plain Keras script (wall s)",
+                    ("suite", med(off)),
+                    ("plain", med(plain)),
+                    "<=1.10x",
+                    "includes start-up: imports, checking every image, MLflow logging, plots",
                 ),
             )
-        emit(
-            rows,
-            _row(
-                "5c",
-                "frozen phase vs base.predict, steady state (images/s)",
-                ("suite", frozen),
-                ("predict", ceiling["predict"]),
-                ">=0.8x",
-                "the hard ceiling: forward pass only, no tracing",
-            ),
-        )
+            emit(
+                rows,
+                _row(
+                    "1b",
+                    "the two phases only, diagnostics=off vs plain Keras script (s)",
+                    ("suite", med(off_phases)),
+                    ("plain", med(plain_phases)),
+                    "<=1.10x",
+                    "from compile to the end of fit, each phase (timing.phase*_seconds tags)",
+                ),
+            )
+            emit(rows, _row("2", "diagnostics=full vs off (wall s)", ("full", med(full)), ("off", med(off)), "<=1.3x"))
+            emit(
+                rows,
+                _row(
+                    "2b",
+                    "diagnostics=final vs off (wall s)",
+                    ("final", med(final)),
+                    ("off", med(off)),
+                    "<=1.10x",
+                    "measures the last epoch of each phase only",
+                ),
+            )
+            emit(
+                rows,
+                _row(
+                    "4",
+                    "phase 1 with augment=none: speed-up of the feature cache (phase-1 s)",
+                    ("uncached", med(feat_off)),
+                    ("cached", med(feat_on)),
+                    ">=5x",
+                    "diagnostics=full (the default)",
+                ),
+            )
 
-        sizes_mib = resident_per_epoch(bench, "diagnostics=full", "cache.phase1=false")
-        growth = sizes_mib[-1] - sizes_mib[1] if len(sizes_mib) > 2 else 0.0
-        emit(
-            rows,
-            _printed(
-                "6",
-                "peak memory (RSS) of one run, diagnostics=off; frozen inputs per 1000 images",
-                f"{off_rss:.0f} MB; features {ceiling['feature_bytes'] * 1000 / 2**20:.1f} MB, bottom at depth "
-                f"120 {ceiling['bottom_bytes'] * 1000 / 2**20:.0f} MB",
-                f"RSS at the end of each phase-2 epoch (diagnostics=full): {sizes_mib} MiB; growth from the "
-                f"second to the last epoch {growth:+.1f} MiB",
-            ),
-        )
+        if "3" in wanted:
+            depths = "model.fine_tune_at=" + ",".join(str(d) for d in sizes.depths)
+            study = [depths, "hydra/launcher=basic"]  # one seed: the unfreeze_depth experiment adds 3 replicates
+            uncached_wall, uncached = bench.ablate(*study, "cache.phase1=false", multirun=True)
+            cached_wall, cached = bench.ablate(*study, "cache.phase1=true", multirun=True)
+            same, values = identical_metrics(bench, cached, uncached)
+            phase_totals = {
+                name: [sum(_seconds(r, phase) for r in bench.runs(sweep)) for phase in ("phase1", "phase2")]
+                for name, sweep in (("uncached", uncached), ("cached", cached))
+            }
+            bound = amdahl_bound(uncached_wall, phase_totals["uncached"][0], len(sizes.depths))
+            emit(
+                rows,
+                _row(
+                    "3",
+                    f"unfreeze_depth study, {len(sizes.depths)} depths: speed-up of the phase-1 cache (wall s)",
+                    ("uncached", uncached_wall),
+                    ("cached", cached_wall),
+                    f">={0.9 * bound:.2f}x",
+                    f"target: 0.9 of the Amdahl bound {bound:.2f}x that phase-1 reuse allows; identical metrics: "
+                    f"{'yes' if same else 'NO'} ({values} values compared); phase 1 in all "
+                    f"runs {phase_totals['uncached'][0]:.0f} s -> {phase_totals['cached'][0]:.0f} s, phase 2 "
+                    f"{phase_totals['uncached'][1]:.0f} s -> {phase_totals['cached'][1]:.0f} s",
+                ),
+            )
+
+        if "3b" in wanted:
+            # 3b: a learning-rate search of 6 trials at the default depth, as a grid (the basic sweeper: the same
+            # six rates on both sides, no sampler or pruner deciding differently on float-tolerance-equal metrics)
+            search = ["augment=none", "hydra/launcher=basic", "train.fine_tune_lr=" + ",".join(LEARNING_RATES)]
+            plain_wall, plain_search = bench.ablate(
+                *search, "cache.phase1=false", "cache.features=false", multirun=True
+            )
+            reused_wall, reused_search = bench.ablate(
+                *search, "cache.phase1=true", "cache.features=true", multirun=True
+            )
+            largest, equal_final, jobs = relative_differences(bench, reused_search, plain_search, "val_loss")
+            used = sorted({r.data.tags.get("feature_cache.phase2", "?") for r in bench.runs(reused_search)})
+            phase2 = [sum(_seconds(r, "phase2") for r in bench.runs(x)) for x in (plain_search, reused_search)]
+            emit(
+                rows,
+                _row(
+                    "3b",
+                    f"{len(LEARNING_RATES)}-trial fine_tune_lr search, augment=none: phase-1 cache and frozen inputs "
+                    "vs neither (wall s)",
+                    ("neither", plain_wall),
+                    ("both", reused_wall),
+                    ">=3x",
+                    f"phase 2 in all runs {phase2[0]:.0f} s -> {phase2[1]:.0f} s ({'; '.join(used)}); equal to float "
+                    f"tolerance: final val_loss equal in {equal_final} of {jobs} jobs, largest val_loss difference "
+                    f"{largest:.1e} relative",
+                ),
+            )
+
+        if "5" in wanted:
+            ceiling = ceiling_throughput(bench)
+            frozen = ceiling["per_epoch"] * sizes.initial_epochs / _seconds(off_run, "phase1")
+            unfrozen = ceiling["per_epoch"] * sizes.fine_tune_epochs / _seconds(off_run, "phase2")
+            for number, what, suite, reference, name in (
+                ("5a", "frozen phase vs raw model.fit on arrays (images/s)", frozen, "frozen_fit", "raw fit"),
+                ("5b", "unfrozen phase vs raw model.fit on arrays (images/s)", unfrozen, "unfrozen_fit", "raw fit"),
+            ):
+                emit(
+                    rows,
+                    _row(
+                        number,
+                        what,
+                        ("suite", suite),
+                        (name, ceiling[reference]),
+                        ">=0.8x",
+                        "both include compile and tracing",
+                    ),
+                )
+            emit(
+                rows,
+                _row(
+                    "5c",
+                    "frozen phase vs base.predict, steady state (images/s)",
+                    ("suite", frozen),
+                    ("predict", ceiling["predict"]),
+                    ">=0.8x",
+                    "the hard ceiling: forward pass only, no tracing",
+                ),
+            )
+
+        if "6" in wanted:
+            per_image = frozen_input_bytes(sizes.image_size)
+            sizes_mib = resident_per_epoch(bench, "diagnostics=full", "cache.phase1=false")
+            growth = sizes_mib[-1] - sizes_mib[1] if len(sizes_mib) > 2 else 0.0
+            emit(
+                rows,
+                _printed(
+                    "6",
+                    "peak memory (RSS) of one run, diagnostics=off; frozen inputs per 1000 images",
+                    f"{off_rss:.0f} MB; features {per_image['pooled'] * 1000 / 2**20:.1f} MB, bottom at depth "
+                    f"120 {per_image['bottom'] * 1000 / 2**20:.0f} MB",
+                    f"RSS at the end of each phase-2 epoch (diagnostics=full): {sizes_mib} MiB; growth from the "
+                    f"second to the last epoch {growth:+.1f} MiB",
+                ),
+            )
 
     rows.sort(key=lambda row: (int(row["benchmark"][0]), row["benchmark"]))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
