@@ -237,9 +237,8 @@ def frozen_input_bytes(image_size: int) -> dict[str, int]:
     base = load_base(model_cfg, image_size)
     clf = build_classifier(model_cfg, base, build_augmentation(AugmentConfig(), 42), 2, image_size)
     unfreeze_top(base, 120, freeze_bn=False)
-    specs = FrozenBottom(base, FrozenBottom.cut_of(base)).specs
     pooled = 4 * int(np.prod(clf.pooled_shape))
-    return {"pooled": pooled, "bottom": sum(4 * int(spec.shape[1:].num_elements()) for spec in specs)}
+    return {"pooled": pooled, "bottom": FrozenBottom(base, FrozenBottom.cut_of(base)).bytes_per_image}
 
 
 def _printed(number: str, what: str, value: str, note: str = "") -> dict:

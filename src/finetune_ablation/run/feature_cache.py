@@ -61,8 +61,7 @@ def plan(clf: Classifier, image_count: int) -> Plan:
     cut = FrozenBottom.cut_of(clf.base)
     if cut is None or not any(layer.weights for layer in clf.base.layers[:cut]):
         return Plan(None, f"no layer with weights of {clf.base.name} is frozen below the first that trains")
-    frozen = MeasuringPasses.of(clf).frozen_bottom(cut)
-    per_image = sum(4 * int(spec.shape[1:].num_elements()) for spec in frozen.specs)
+    per_image = MeasuringPasses.of(clf).frozen_bottom(cut).bytes_per_image
     megabytes = per_image * image_count / 2**20
     below = f"layers 0-{cut - 1} of {clf.base.name} (below {clf.base.layers[cut].name})"
     if per_image * image_count > BUDGET_BYTES:

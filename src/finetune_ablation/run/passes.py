@@ -71,6 +71,11 @@ class FrozenBottom:
         self.bottom = keras.Model(base.inputs, crossing, name=f"{base.name}_frozen_bottom")
         self.top = keras.Model(crossing, base.output, name=f"{base.name}_top")  # one tensor, as base returns
 
+    @property
+    def bytes_per_image(self) -> int:
+        """Float32 bytes of one image's crossing tensors: what keeping the bottom's output costs."""
+        return sum(4 * int(spec.shape[1:].num_elements()) for spec in self.specs)
+
     @staticmethod
     def cut_of(base: keras.Model) -> int | None:
         """Index of the first layer that varies; None when there is nothing frozen below it, or no such
