@@ -33,7 +33,7 @@ from ..config import DiagnosticsLevel
 from .augment import augments
 from .feature_cache import Stage, why_base_varies
 from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
-from .passes import MeasuringPasses
+from .passes import MeasuringPasses, as_list
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
 # component name -> (minuend, subtrahend), in the order the effects are removed
@@ -183,7 +183,7 @@ class GapMeter:
                 yield y, x, x, x, x
                 continue
             if self.stage == "bottom":  # un-augmented images: the clean pass is the no-dropout pass
-                f_train, f_no_bn, f_no_drop = self._tops(list(x) if isinstance(x, tuple) else [x])
+                f_train, f_no_bn, f_no_drop = self._tops(as_list(x))
                 yield y, f_train, f_no_bn, f_no_drop, f_no_drop
                 continue
             augmented = self.passes.augment(x) if self.augments else x
