@@ -28,6 +28,7 @@ from .data import Datasets, load_datasets
 from .diagnostics import GapDiagnostics, GapMeter, chance_warning, gap_summary, majority_rate
 from .epoch_logger import EpochLogger
 from .feature_cache import FrozenInputs
+from .freed_memory import ReturnFreedMemory
 from .model import (
     Classifier,
     bn_moving_stats,
@@ -141,6 +142,7 @@ def _run_phase(
         meter = GapMeter(clf, source.train_in_order, cfg.seed, inputs.stage if inputs else None)
         callbacks.append(GapDiagnostics(meter, cfg.diagnostics.level, last_epoch, len(data.val_files)))
     callbacks.append(EpochLogger(phase, rows, recorder))
+    callbacks.append(ReturnFreedMemory())  # after the epoch's measuring and logging, before a caller's own
     callbacks.extend(extra_callbacks)
     before = bn_moving_stats(clf.base)
     model.fit(
