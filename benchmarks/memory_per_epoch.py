@@ -3,8 +3,8 @@
     python benchmarks/memory_per_epoch.py TRACKING_URI OVERRIDE ...
 
 Composes ``conf/`` with the overrides exactly as ``ablate`` does and runs the training in this process
-inside one MLflow run, with a callback that reads this process's resident set size (``/proc/self/statm``)
-after each phase-2 epoch. Prints the sizes (MiB) as JSON. Used by benchmarks/speed.py, row 6."""
+inside one MLflow run, with a callback that reads this process's resident set size after each phase-2
+epoch (benchmarks/resident.py). Prints the sizes (MiB) as JSON. Used by benchmarks/speed.py, row 6."""
 
 from __future__ import annotations
 
@@ -14,29 +14,13 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
 import mlflow
 from hydra import compose, initialize_config_dir
+from resident import ResidentPerEpoch
 
 from finetune_ablation.config import register_configs
 from finetune_ablation.paths import CONF_DIR
 from finetune_ablation.run.train import train_and_log
-
-
-def resident_mib() -> float:
-    """This process's resident set size now (not its peak)."""
-    with open("/proc/self/statm") as statm:
-        pages = int(statm.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class ResidentPerEpoch(keras.callbacks.Callback):
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes: list[float] = []
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.sizes.append(round(resident_mib(), 1))
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ preprocess_input -> MobileNetV2 called with training=False -> pooling -> dropout
 phases and learning rates. Three deviations, none of which changes the work done: ``weights=None``
 (no network here), accuracy thresholded at logit 0 (the course's ``"accuracy"`` thresholds logits at
 0.5), and phase 2 runs exactly ``fine_tune_epochs`` (the course's ``initial_epoch=history.epoch[-1]``
-repeats one epoch). Prints the phases' wall times as JSON."""
+repeats one epoch). Prints the phases' wall times as JSON, and with ``--memory`` the resident memory
+(MiB) at the end of every phase-2 epoch: the baseline for the suite's own (benchmarks/memory_per_epoch.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf
 import tensorflow.keras.layers as tfl
+from resident import ResidentPerEpoch
 from tensorflow.keras.preprocessing import image_dataset_from_directory
 
 
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs=2, default=(5, 5), metavar=("INITIAL", "FINE_TUNE"))
     parser.add_argument("--fine-tune-at", type=int, default=120)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--memory", action="store_true", help="also print RSS at the end of each phase-2 epoch")
     args = parser.parse_args()
     tf.keras.utils.set_random_seed(args.seed)
     tf.config.experimental.enable_op_determinism()
@@ -79,6 +82,7 @@ def main() -> None:
     model.fit(train_dataset, validation_data=validation_dataset, epochs=initial_epochs, verbose=0)
     phase1 = time.perf_counter() - started
 
+    resident = ResidentPerEpoch()
     started = time.perf_counter()
     base_model.trainable = True
     for layer in base_model.layers[: args.fine_tune_at]:
@@ -91,9 +95,11 @@ def main() -> None:
         initial_epoch=initial_epochs,
         validation_data=validation_dataset,
         verbose=0,
+        callbacks=[resident] if args.memory else [],
     )
     phase2 = time.perf_counter() - started
-    print(json.dumps({"phase1_seconds": phase1, "phase2_seconds": phase2}))
+    memory = {"phase2_epoch_end_mib": resident.sizes} if args.memory else {}
+    print(json.dumps({"phase1_seconds": phase1, "phase2_seconds": phase2, **memory}))
 
 
 if __name__ == "__main__":
