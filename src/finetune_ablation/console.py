@@ -13,6 +13,8 @@ import sys
 import tempfile
 from urllib.parse import urlsplit, urlunsplit
 
+from . import record as rec
+
 # Lines TensorFlow/XLA print on a CPU-only machine before (or regardless of) any log level: noise, not news.
 _CHATTER = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called|cudart_stub\.cc|cuda_platform\.cc.*cuInit|"
@@ -21,7 +23,6 @@ _CHATTER = re.compile(
     r"This TensorFlow binary is optimized to use available CPU instructions|"
     r"rebuild TensorFlow with the appropriate compiler flags"
 )
-COMPONENT_ORDER = ("lag", "batchnorm", "dropout", "augmentation", "split")
 _started = False
 
 
@@ -80,12 +81,12 @@ def epoch_line(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> s
         if "val_accuracy_ci_low" in logs:
             val += f" [{logs['val_accuracy_ci_low']:.2f}, {logs['val_accuracy_ci_high']:.2f}]"
         parts.append(val)
-    if "gap/total" in logs:
-        components = [c for c in COMPONENT_ORDER if f"gap/{c}" in logs]
-        gap = f"gap {_points(logs['gap/total'])} pts"
+    if rec.GAP_TOTAL in logs:
+        components = [c for c in rec.GAP_COMPONENTS if rec.gap_metric(c) in logs]
+        gap = f"gap {_points(logs[rec.GAP_TOTAL])} pts"
         if components:
-            largest = max(components, key=lambda c: abs(logs[f"gap/{c}"]))
-            gap += f" (largest: {largest} {_points(logs[f'gap/{largest}'])})"
+            largest = max(components, key=lambda c: abs(logs[rec.gap_metric(c)]))
+            gap += f" (largest: {largest} {_points(logs[rec.gap_metric(largest)])})"
         parts.append(gap)
     return "  ".join(parts)
 

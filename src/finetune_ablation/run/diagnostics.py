@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 from scipy.stats import binomtest
 
+from .. import record as rec
 from ..config import DiagnosticsLevel
 from .augment import augments
 from .feature_cache import Stage, why_base_varies
@@ -36,14 +37,20 @@ from .model import Classifier, assign_values, batchnorm_layers, copy_values, has
 from .passes import MeasuringPasses, as_list
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
-# component name -> (minuend, subtrahend), in the order the effects are removed
-COMPONENTS = {
-    "lag": ("train_mode", "keras_train"),
-    "batchnorm": ("no_batchnorm", "train_mode"),
-    "dropout": ("no_dropout", "no_batchnorm"),
-    "augmentation": ("train_clean", "no_dropout"),
-    "split": ("keras_val", "train_clean"),
-}
+# component (named in record.GAP_COMPONENTS) -> (minuend, subtrahend), in the order the effects are removed
+COMPONENTS = dict(
+    zip(
+        rec.GAP_COMPONENTS,
+        (
+            ("train_mode", "keras_train"),  # lag
+            ("no_batchnorm", "train_mode"),  # batchnorm
+            ("no_dropout", "no_batchnorm"),  # dropout
+            ("train_clean", "no_dropout"),  # augmentation
+            ("keras_val", "train_clean"),  # split
+        ),
+        strict=True,
+    )
+)
 
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
@@ -238,13 +245,13 @@ def decompose(keras_logs: dict[str, float], measured: dict[str, float], val_coun
     for name in CONDITIONS:
         out[f"{name}_accuracy"] = measured[f"{name}_accuracy"]
         out[f"{name}_loss"] = measured[f"{name}_loss"]
-    for metric, prefix in (("accuracy", "gap"), ("loss", "gap_loss")):
+    for metric, prefix in (("accuracy", rec.GAP_PREFIX), ("loss", rec.GAP_LOSS_PREFIX)):
         values = {name: measured[f"{name}_{metric}"] for name in CONDITIONS}
         values["keras_train"] = float(keras_logs[metric])
         values["keras_val"] = float(keras_logs[f"val_{metric}"])
-        out[f"{prefix}/total"] = values["keras_val"] - values["keras_train"]
+        out[f"{prefix}total"] = values["keras_val"] - values["keras_train"]
         for component, (plus, minus) in COMPONENTS.items():
-            out[f"{prefix}/{component}"] = values[plus] - values[minus]
+            out[f"{prefix}{component}"] = values[plus] - values[minus]
     val_correct = round(float(keras_logs["val_accuracy"]) * val_count)
     low, high = wilson_interval(val_correct, val_count)
     out["val_accuracy_ci_low"], out["val_accuracy_ci_high"] = low, high
@@ -273,9 +280,9 @@ class GapDiagnostics(keras.callbacks.Callback):
 
 def gap_sentence(row: dict[str, float]) -> str:
     """One plain sentence: the total gap and its components by size, in accuracy points."""
-    total = 100 * row["gap/total"]
-    parts = sorted(COMPONENTS, key=lambda c: -abs(row[f"gap/{c}"]))
-    listed = ", ".join(f"{c} {100 * row[f'gap/{c}']:+.1f}" for c in parts)
+    total = 100 * row[rec.GAP_TOTAL]
+    parts = sorted(COMPONENTS, key=lambda c: -abs(row[rec.gap_metric(c)]))
+    listed = ", ".join(f"{c} {100 * row[rec.gap_metric(c)]:+.1f}" for c in parts)
     lead = (
         f"validation beats training by {total:.1f} points"
         if total >= 0
@@ -289,7 +296,7 @@ def gap_summary(rows: list[dict], warning: str | None = None) -> str:
     at-chance ``warning`` if there is one."""
     lines = [warning, ""] if warning else []
     for phase in sorted({r["phase"] for r in rows}):
-        measured = [r for r in rows if r["phase"] == phase and "gap/total" in r]
+        measured = [r for r in rows if r["phase"] == phase and rec.GAP_TOTAL in r]
         if measured:
             last = measured[-1]
             # epochs counted from 1 as the console prints them; MLflow's step is the epoch index

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .. import record as rec
 from .diagnostics import COMPONENTS
 
 _COLOURS = {
@@ -52,20 +53,21 @@ def learning_curves(history: pd.DataFrame) -> plt.Figure:
 def gap_chart(history: pd.DataFrame, warning: str | None = None) -> plt.Figure:
     """Stacked bars of the gap components per epoch (positive up, negative down), total marked; an
     at-chance ``warning`` goes first, above the title, in red."""
-    measured = history.dropna(subset=["gap/total", "gap/split"]) if "gap/split" in history else history.iloc[0:0]
+    last = rec.gap_metric(rec.GAP_COMPONENTS[-1])
+    measured = history.dropna(subset=[rec.GAP_TOTAL, last]) if last in history else history.iloc[0:0]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(measured) + 3), 4.5))
     epochs = measured["epoch"].to_numpy()
     up = [0.0] * len(measured)
     down = [0.0] * len(measured)
     for component in COMPONENTS:
-        values = (100 * measured[f"gap/{component}"]).to_list()
+        values = (100 * measured[rec.gap_metric(component)]).to_list()
         bottoms = [u if v >= 0 else d for v, u, d in zip(values, up, down, strict=True)]
         ax.bar(epochs, values, bottom=bottoms, color=_COLOURS[component], label=component, width=0.7)
         up = [u + max(v, 0) for v, u in zip(values, up, strict=True)]
         down = [d + min(v, 0) for v, d in zip(values, down, strict=True)]
     ax.plot(
         epochs,
-        100 * measured["gap/total"],
+        100 * measured[rec.GAP_TOTAL],
         "k_",
         markersize=22,
         markeredgewidth=2.5,
