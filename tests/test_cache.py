@@ -69,6 +69,7 @@ def test_parallel_jobs_compute_an_entry_once(image_dir, tmp_path):
         "cache.phase1=true",
         f"cache.dir={tmp_path / 'cache'}",
         "model.fine_tune_at=100,140",
+        "diagnostics=off",  # the lock is what is tested, not what the jobs measure
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         cwd=tmp_path,

@@ -96,7 +96,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def test_a_run_from_the_command_line(tmp_path, image_dir):
     uri = new_store(tmp_path)
-    result = run_ablate(*FAST, f"data.dir={image_dir}", f"tracking.uri={uri}", "train.fine_tune_epochs=1", cwd=tmp_path)
+    quick = ["train.fine_tune_epochs=1", "diagnostics=off"]  # what is checked is the command line's record
+    result = run_ablate(*FAST, f"data.dir={image_dir}", f"tracking.uri={uri}", *quick, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs(uri)
     assert run.info.status == "FINISHED"
