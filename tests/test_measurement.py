@@ -6,9 +6,9 @@ before any ``on_epoch_end`` callback (the meter included) runs. In ``on_epoch_en
 puts the snapshot back and rebuilds each condition by hand: the images are read with Keras's own loader
 (``image_dataset_from_directory`` fixes the split; ``load_img`` reads each file), every pass is a plain
 call of the model's layers, and the losses are computed in float64 NumPy. What it shares with the meter is
-the documented seeding rule of the measuring draws (seed state ``i`` of the augmentation and head-dropout
-layers starts at ``(seed * 1_000_003 + epoch, i)`` every epoch), so that the augmented batches and dropout
-masks are the same ones.
+the documented seeding rule of the measuring draws on the whole-model path (seed state ``i`` of the
+augmentation and head-dropout layers starts at ``(seed * 1_000_003 + epoch, i)`` every epoch), so that the
+augmented batches and dropout masks are the same ones.
 
 The BN momentum is lowered to 0.9 at the start of phase 2 (as a larger data set, or EfficientNet's 0.99,
 would do): statistics that drift during the measuring loop then show clearly, at four batches an epoch."""
@@ -177,7 +177,11 @@ class IndependentCheck(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_measured_conditions_equal_independent_passes_with_trainable_batchnorm(image_dir, tracking_uri):
-    cfg = make_cfg(image_dir, tracking_uri, "model.freeze_bn=false", "augment=standard", "diagnostics=full")
+    """The whole-model path (``cache.features=false``), where the meter draws its own augmentations. With
+    frozen inputs it measures the epoch's own batches instead: tests/test_cache.py checks those against
+    Keras's own training loss."""
+    overrides = ("model.freeze_bn=false", "augment=standard", "diagnostics=full", "cache.features=false")
+    cfg = make_cfg(image_dir, tracking_uri, *overrides)
     assert cfg.model.fine_tune_at == 100 and cfg.data.batch_size == BATCH and cfg.seed == SEED
     check = IndependentCheck(*read_split(image_dir, cfg.data.image_size))
     mlflow.set_tracking_uri(tracking_uri)

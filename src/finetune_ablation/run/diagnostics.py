@@ -32,7 +32,7 @@ from scipy.stats import binomtest
 from .. import record as rec
 from ..config import DiagnosticsLevel
 from .augment import augments
-from .feature_cache import Stage, why_base_varies
+from .feature_cache import EpochBatches, Stage, why_base_varies
 from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
 from .passes import MeasuringPasses, as_list
 
@@ -94,15 +94,25 @@ class GapMeter:
     conditions share, or the frozen bottom's activations, which the top then maps per condition.
     When the base has a frozen bottom (phase 2), the bottom runs once per batch and only the top runs per
     condition; the clean images' bottom activations are computed once per phase if they fit in
-    ``clean_bottom_budget`` bytes."""
+    ``clean_bottom_budget`` bytes. With augmentation and frozen inputs, ``epoch_batches`` holds the
+    augmented inputs the epoch's training batches were made of: the augmented conditions are measured on
+    those very batches (same images, draws and batch composition), and the frozen part does not run again."""
 
     clean_bottom_budget = 512 * 2**20
 
-    def __init__(self, clf: Classifier, dataset: tf.data.Dataset, seed: int, stage: Stage | None = None):
+    def __init__(
+        self,
+        clf: Classifier,
+        dataset: tf.data.Dataset,
+        seed: int,
+        stage: Stage | None = None,
+        epoch_batches: EpochBatches | None = None,
+    ):
         self.clf = clf
         self.dataset = dataset
         self.seed = seed
         self.stage = stage
+        self.epoch_batches = epoch_batches
         self.passes = MeasuringPasses.of(clf)
         self.bns = batchnorm_layers(clf.base)
         self.has_trainable_bn = any(bn.trainable for bn in self.bns)
@@ -180,25 +190,41 @@ class GapMeter:
         return self._split.top_infer(*crossing)
 
     def _conditions(self):
-        """Per batch: labels and the pooled features under train_mode, no_batchnorm, no_dropout, clean."""
+        """Per batch: labels and the pooled features under train_mode, no_batchnorm and no_dropout, then
+        labels and clean features (the same images, except when measuring the epoch's own batches)."""
+        if self.epoch_batches is not None:
+            yield from self._epoch_conditions()
+            return
         kept = self._clean_features if self._fixed_clean else self._clean_bottom
         reuse = bool(kept)
         computed: list = []
         self._kept_bytes = 0
         for index, (x, y) in enumerate(self.dataset):
             if self.stage == "pooled":  # a frozen, deterministic base on un-augmented images: one feature set
-                yield y, x, x, x, x
+                yield y, x, x, x, y, x
                 continue
             if self.stage == "bottom":  # un-augmented images: the clean pass is the no-dropout pass
                 f_train, f_no_bn, f_no_drop = self._tops(as_list(x))
-                yield y, f_train, f_no_bn, f_no_drop, f_no_drop
+                yield y, f_train, f_no_bn, f_no_drop, y, f_no_drop
                 continue
             augmented = self.passes.augment(x) if self.augments else x
             f_train, f_no_bn, f_no_drop = (self._split_base if self._split else self._whole_base)(augmented)
             f_clean = self._clean(x, index, reuse, computed) if self.augments else f_no_drop
-            yield y, f_train, f_no_bn, f_no_drop, f_clean
+            yield y, f_train, f_no_bn, f_no_drop, y, f_clean
         if not reuse and self._kept_bytes <= self.clean_bottom_budget:  # kept only once complete
             kept.extend(computed)
+
+    def _epoch_conditions(self):
+        """The augmented conditions from the epoch's own training batches, paired with the clean ones'
+        frozen inputs (computed once): both are the whole split, batched alike."""
+        batches = self.epoch_batches.batches
+        assert batches, "the epoch's training batches were not kept"
+        for (inputs, y), (clean, y_clean) in zip(batches, self.dataset, strict=True):
+            if self.stage == "pooled":  # the whole base frozen and deterministic: one feature set
+                yield y, inputs[0], inputs[0], inputs[0], y_clean, clean
+                continue
+            f_train, f_no_bn, f_no_drop = self._tops(inputs)
+            yield y, f_train, f_no_bn, f_no_drop, y_clean, self._split.top_infer(*as_list(clean))
 
     def _score(self, totals: _Totals, logits: tf.Tensor, y: tf.Tensor) -> None:
         if self.clf.binary:
@@ -219,7 +245,7 @@ class GapMeter:
         totals = {name: _Totals() for name in CONDITIONS}
         count = 0
         try:
-            for y, f_train, f_no_bn, f_no_drop, f_clean in self._conditions():
+            for y, f_train, f_no_bn, f_no_drop, y_clean, f_clean in self._conditions():
                 count += int(y.shape[0])
                 # the same dropout mask for both dropout-on passes, so only BatchNorm differs
                 dropout_state = copy_values(self._dropout_seeds)
@@ -227,7 +253,7 @@ class GapMeter:
                 assign_values(self._dropout_seeds, dropout_state)
                 self._score(totals["no_batchnorm"], self.passes.head_dropout(f_no_bn), y)
                 self._score(totals["no_dropout"], self.passes.head_infer(f_no_drop), y)
-                self._score(totals["train_clean"], self.passes.head_infer(f_clean), y)
+                self._score(totals["train_clean"], self.passes.head_infer(f_clean), y_clean)
         finally:
             assign_values(variables, saved)
         out: dict[str, float] = {}

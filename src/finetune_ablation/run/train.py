@@ -131,15 +131,19 @@ def _run_phase(
 ) -> PhaseRecord:
     """Compile with a new optimizer, fit ``epochs`` epochs numbered from ``first_epoch``, measure.
     Where the frozen part of the base is fixed, what lies above it is trained on its output, computed once."""
-    inputs = _frozen_inputs(clf, data, cfg, phase, recorder)
+    measuring = cfg.diagnostics.level != DiagnosticsLevel.off
+    inputs = _frozen_inputs(clf, data, cfg, phase, recorder, keep_epochs=measuring)
     model, source = (inputs.model, inputs) if inputs else (clf.model, data)
     compile_fresh(model, clf.binary, learning_rate)
     summary = {k: float(v) for k, v in trainable_summary(clf).items()}
     report = trainable_report(clf)
     last_epoch = first_epoch + epochs - 1
     callbacks: list[keras.callbacks.Callback] = []
-    if cfg.diagnostics.level != DiagnosticsLevel.off:
-        meter = GapMeter(clf, source.train_in_order, cfg.seed, inputs.stage if inputs else None)
+    if measuring:
+        epoch_batches = inputs.epoch_batches if inputs else None
+        if epoch_batches is not None:
+            callbacks.append(epoch_batches)  # empties itself as each epoch begins
+        meter = GapMeter(clf, source.train_in_order, cfg.seed, inputs.stage if inputs else None, epoch_batches)
         callbacks.append(GapDiagnostics(meter, cfg.diagnostics.level, last_epoch, len(data.val_files)))
     callbacks.append(EpochLogger(phase, rows, recorder))
     callbacks.append(ReturnFreedMemory())  # after the epoch's measuring and logging, before a caller's own
@@ -161,20 +165,21 @@ def _run_phase(
 
 
 def _frozen_inputs(
-    clf: Classifier, data: Datasets, cfg: DictConfig, phase: int, recorder: Recorder
+    clf: Classifier, data: Datasets, cfg: DictConfig, phase: int, recorder: Recorder, keep_epochs: bool
 ) -> FrozenInputs | None:
-    """The frozen part's output, computed once, when ``cache.features`` is on and it is fixed; the phase's
-    tag says which part, or why none."""
+    """The frozen part's output, computed ahead of the top when ``cache.features`` is on and it is a fixed
+    function of the image (once, or every epoch with augmentation); the phase's tag says which part, or why
+    none. ``keep_epochs``: keep each epoch's augmented inputs for the gap measurement."""
     tag = rec.feature_cache_tag(phase)
     if not cfg.cache.features:
         recorder.tags({tag: "off"})
         return None
-    the_plan = feature_cache.plan(clf, len(data.train_files) + len(data.val_files))
+    the_plan = feature_cache.plan(clf, len(data.train_files), len(data.val_files))
     if the_plan.stage is None:
         recorder.tags({tag: f"not used: {the_plan.reason}"})
         return None
     recorder.tags({tag: f"on: {the_plan.reason}"})
-    return feature_cache.compute(clf, data, the_plan)
+    return feature_cache.compute(clf, data, the_plan, phase, keep_epochs)
 
 
 def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], recorder: Recorder) -> None:
