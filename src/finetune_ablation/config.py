@@ -131,8 +131,9 @@ class CacheConfig:
     # Reuse phase 1 across runs that share it (e.g. a study over fine_tune_at): the restored state is
     # bit-identical, so whether it is used does not count.
     phase1: bool = field(default=True, metadata=RECORDING)
-    # augment=none: the frozen part of the base runs once per image, in each phase (run/feature_cache.py). Equal
-    # to the uncached run only to float tolerance: in both keys, not a factor.
+    # Train what lies above the frozen part of the base on its output: computed once per image (augment=none)
+    # or every epoch in the pipeline (run/feature_cache.py). Equal to the uncached run only to float
+    # tolerance (with augmentation the measurement draws differently): in both keys, not a factor.
     features: bool = field(default=True, metadata=EQUIVALENT)
 
 

@@ -49,7 +49,7 @@ TRUE = "true"
 
 
 def feature_cache_tag(phase: int) -> str:
-    """Whether a phase trained on frozen inputs computed once: ``on: <which>`` | ``off`` | ``not used: <why>``."""
+    """Whether a phase trained on frozen inputs (once or per epoch): ``on: <which>`` | ``off`` | ``not used: <why>``."""
     return f"feature_cache.phase{phase}"
 
 

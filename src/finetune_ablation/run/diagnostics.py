@@ -15,10 +15,12 @@ Consecutive differences are the gap components; they sum exactly to ``val - trai
 is done for the loss. Every pass reads the end-of-epoch BN moving statistics (the training-mode pass
 runs with momentum 1, so it assigns them their own value), and the train_mode and no_batchnorm passes
 draw the same dropout and stochastic-depth masks, so ``gap/batchnorm`` is BatchNorm alone.
-Measuring changes nothing: every model variable (weights, BN moving statistics, random-seed states) is
-restored afterwards, augmentation and dropout use a fixed seed per epoch (seed state ``i`` of the
-augmentation and head-dropout layers starts at ``(seed * 1_000_003 + epoch, i)``), and the training
-split is read through its own unshuffled pipeline. See docs/gap-measurement.md."""
+With frozen inputs (feature_cache) the augmented conditions are measured on the epoch's own training
+batches, which the pipeline kept; otherwise the meter draws its own augmented batches from the training
+split in order. Measuring changes nothing: every model variable (weights, BN moving statistics,
+random-seed states) is restored afterwards, its own draws and the dropout masks use a fixed seed per epoch
+(seed state ``i`` of the augmentation and head-dropout layers starts at ``(seed * 1_000_003 + epoch, i)``),
+and the clean training split is read through its own unshuffled pipeline. See docs/gap-measurement.md."""
 
 from __future__ import annotations
 

@@ -104,8 +104,8 @@ class FrozenInputs:
 
     stage: Stage
     model: keras.Model
-    train_images: tf.data.Dataset  # (inputs, label) per clean training image, in the split's order
-    train_in_order: tf.data.Dataset  # the same, batched
+    train_images: tf.data.Dataset | None  # (inputs, label) per clean training image, in the split's order
+    train_in_order: tf.data.Dataset | None  # the same, batched (None: augmented and not measured)
     val: tf.data.Dataset  # validation (inputs, label), batched
     data: Datasets
     augmented: tf.data.Dataset | None = None  # (augmented inputs, label) per batch, every epoch anew
@@ -168,17 +168,20 @@ def _augmenting(clf: Classifier, forward, data: Datasets, phase: int, kept: Epoc
     return batches.map(augment_and_forward).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def compute(clf: Classifier, data: Datasets, the_plan: Plan, phase: int, keep_epochs: bool) -> FrozenInputs:
-    """Compute both splits' frozen inputs once (``the_plan`` from ``plan`` for the current trainable set);
-    with augmentation, also the pipeline that computes the training batches' every epoch, keeping them for
-    the measurement if ``keep_epochs``."""
+def compute(clf: Classifier, data: Datasets, the_plan: Plan, phase: int, measuring: bool) -> FrozenInputs:
+    """Compute the splits' frozen inputs once (``the_plan`` from ``plan`` for the current trainable set);
+    with augmentation, also the pipeline that computes the training batches' every epoch. The clean
+    training images' are then needed only by the gap measurement: computed, and each epoch's augmented
+    ones kept, only when ``measuring``."""
     assert the_plan.stage is not None, the_plan.reason
     model, forward = _head_model(clf, the_plan)
-    train_images = _computed_once(forward, data.train_in_order).cache()
     val = _computed_once(forward, data.val).batch(data.batch_size).prefetch(tf.data.AUTOTUNE)
-    train_in_order = train_images.batch(data.batch_size).prefetch(tf.data.AUTOTUNE)
+    train_images = train_in_order = None
+    if measuring or not the_plan.every_epoch:
+        train_images = _computed_once(forward, data.train_in_order).cache()
+        train_in_order = train_images.batch(data.batch_size).prefetch(tf.data.AUTOTUNE)
     inputs = FrozenInputs(the_plan.stage, model, train_images, train_in_order, val, data)
     if the_plan.every_epoch:
-        inputs.epoch_batches = EpochBatches() if keep_epochs else None
+        inputs.epoch_batches = EpochBatches() if measuring else None
         inputs.augmented = _augmenting(clf, forward, data, phase, inputs.epoch_batches)
     return inputs

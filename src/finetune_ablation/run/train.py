@@ -130,9 +130,10 @@ def _run_phase(
     recorder: Recorder,
 ) -> PhaseRecord:
     """Compile with a new optimizer, fit ``epochs`` epochs numbered from ``first_epoch``, measure.
-    Where the frozen part of the base is fixed, what lies above it is trained on its output, computed once."""
+    Where the frozen part of the base is a fixed function of the image, what lies above it is trained on
+    its output (computed once, or every epoch with augmentation: feature_cache)."""
     measuring = cfg.diagnostics.level != DiagnosticsLevel.off
-    inputs = _frozen_inputs(clf, data, cfg, phase, recorder, keep_epochs=measuring)
+    inputs = _frozen_inputs(clf, data, cfg, phase, recorder, measuring)
     model, source = (inputs.model, inputs) if inputs else (clf.model, data)
     compile_fresh(model, clf.binary, learning_rate)
     summary = {k: float(v) for k, v in trainable_summary(clf).items()}
@@ -165,11 +166,11 @@ def _run_phase(
 
 
 def _frozen_inputs(
-    clf: Classifier, data: Datasets, cfg: DictConfig, phase: int, recorder: Recorder, keep_epochs: bool
+    clf: Classifier, data: Datasets, cfg: DictConfig, phase: int, recorder: Recorder, measuring: bool
 ) -> FrozenInputs | None:
     """The frozen part's output, computed ahead of the top when ``cache.features`` is on and it is a fixed
     function of the image (once, or every epoch with augmentation); the phase's tag says which part, or why
-    none. ``keep_epochs``: keep each epoch's augmented inputs for the gap measurement."""
+    none. ``measuring``: the gap measurement will read them (feature_cache.compute)."""
     tag = rec.feature_cache_tag(phase)
     if not cfg.cache.features:
         recorder.tags({tag: "off"})
@@ -179,7 +180,7 @@ def _frozen_inputs(
         recorder.tags({tag: f"not used: {the_plan.reason}"})
         return None
     recorder.tags({tag: f"on: {the_plan.reason}"})
-    return feature_cache.compute(clf, data, the_plan, phase, keep_epochs)
+    return feature_cache.compute(clf, data, the_plan, phase, measuring)
 
 
 def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], recorder: Recorder) -> None:
