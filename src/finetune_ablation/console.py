@@ -78,8 +78,9 @@ def epoch_line(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> s
         parts.append(f"accuracy {logs['accuracy']:.3f}")
     if "val_accuracy" in logs:
         val = f"val_accuracy {logs['val_accuracy']:.3f}"
-        if "val_accuracy_ci_low" in logs:
-            val += f" [{logs['val_accuracy_ci_low']:.2f}, {logs['val_accuracy_ci_high']:.2f}]"
+        low, high = rec.interval_metrics(rec.VAL_ACCURACY)
+        if low in logs:
+            val += f" [{logs[low]:.2f}, {logs[high]:.2f}]"
         parts.append(val)
     if rec.GAP_TOTAL in logs:
         components = [c for c in rec.GAP_COMPONENTS if rec.gap_metric(c) in logs]

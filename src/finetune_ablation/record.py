@@ -137,6 +137,11 @@ def gap_metric(component: str) -> str:
     return f"{GAP_PREFIX}{component}"
 
 
+def interval_metrics(accuracy: str) -> tuple[str, str]:
+    """The bounds of an accuracy's 95% Wilson interval (``val_accuracy_ci_low``, ``val_accuracy_ci_high``)."""
+    return f"{accuracy}_ci_low", f"{accuracy}_ci_high"
+
+
 def phase_metric(phase: int, name: str) -> str:
     """A phase's summary metric (``phase2/trainable_params``), logged once."""
     return f"phase{phase}/{name}"

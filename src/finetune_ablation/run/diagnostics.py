@@ -280,11 +280,12 @@ def decompose(keras_logs: dict[str, float], measured: dict[str, float], val_coun
         out[f"{prefix}total"] = values["keras_val"] - values["keras_train"]
         for component, (plus, minus) in COMPONENTS.items():
             out[f"{prefix}{component}"] = values[plus] - values[minus]
-    val_correct = round(float(keras_logs["val_accuracy"]) * val_count)
-    low, high = wilson_interval(val_correct, val_count)
-    out["val_accuracy_ci_low"], out["val_accuracy_ci_high"] = low, high
-    low, high = wilson_interval(int(measured["train_clean_correct"]), int(measured["train_count"]))
-    out["train_clean_accuracy_ci_low"], out["train_clean_accuracy_ci_high"] = low, high
+    val_correct = round(float(keras_logs[rec.VAL_ACCURACY]) * val_count)
+    for accuracy, (correct, count) in (
+        (rec.VAL_ACCURACY, (val_correct, val_count)),
+        (rec.TRAIN_CLEAN_ACCURACY, (int(measured["train_clean_correct"]), int(measured["train_count"]))),
+    ):
+        out.update(zip(rec.interval_metrics(accuracy), wilson_interval(correct, count), strict=True))
     return out
 
 
