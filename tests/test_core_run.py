@@ -46,12 +46,12 @@ def test_run_finishes_with_whole_config_as_params(store):
     run = _run(store, "default")
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["model.fine_tune_at"] == "100"
+    assert params["model.fine_tune_at"] == "150"
     assert params["model.dropout"] == "0.2"
     assert params["model.bn_training"] == "False"
     assert params["train.fine_tune_lr"] == "0.0001"
     assert params["diagnostics.level"] == "full"
-    assert params["model.first_unfrozen_layer"] == "block_11_expand_relu"  # Keras 3 MobileNetV2 layer 100
+    assert params["model.first_unfrozen_layer"] == "block_16_project_BN"  # Keras 3 MobileNetV2 layer 150
     assert params["data.class_names"] == "alpaca,not_alpaca"
     assert int(params["data.count.train.total"]) + int(params["data.count.val.total"]) == 40
 
@@ -176,7 +176,8 @@ def test_chance_is_flagged_first_when_validation_cannot_beat_the_majority(store,
 
 
 def _colour_folder(root, per_class: int) -> None:
-    """Red versus blue noisy squares: separable by mean colour, so even a random base learns them."""
+    """Red versus blue noisy squares, separable by mean colour; a random base's pooled features separate them only
+    in part (measured: 0.70 of 40 validation images after phase 1)."""
     rng = np.random.default_rng(0)
     for name, channel in (("blue", 2), ("red", 0)):
         (root / name).mkdir(parents=True)
@@ -197,6 +198,7 @@ def test_a_clearly_learned_model_is_not_flagged(tmp_path, tracking_uri):
         "train.initial_epochs=4",
         "train.fine_tune_epochs=1",
         "model.freeze_bn=true",
+        "model.fine_tune_at=100",  # measured: the random base ends phase 1 at 0.70; this phase 2 lifts it to 0.75
         "diagnostics=final",
     )
     assert run_job(cfg) is not None
