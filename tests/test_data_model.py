@@ -14,7 +14,7 @@ from finetune_ablation.config import DataConfig, ModelConfig
 from finetune_ablation.errors import UserError
 from finetune_ablation.run.data import decode_failure_reason, load_datasets, scan_folder
 from finetune_ablation.run.model import load_base
-from finetune_ablation.run.train import loss_and_accuracy
+from finetune_ablation.run.train import fit_epochs, loss_and_accuracy
 
 
 def _data_cfg(directory, **kw) -> DataConfig:
@@ -115,6 +115,34 @@ def test_training_split_reshuffles_but_measuring_view_does_not(image_dir):
     assert image_sums(data.training_batches(phase=1)) == first  # a phase's orders follow from the seed
     assert image_sums(data.training_batches(phase=2)) != first
     assert image_sums(data.train_in_order) == image_sums(data.train_in_order)
+
+
+def test_each_epoch_trains_on_the_next_reshuffle(image_dir):
+    """Epoch k of a phase trains on the k-th pass over the phase's batches. Plain ``fit`` trains on passes
+    1, 3, 5: it makes and discards an iterator at each epoch's end (docs/stack-facts.md K10)."""
+    import tensorflow as tf
+
+    data = load_datasets(_data_cfg(image_dir))
+    steps = -(-len(data.train_files) // data.batch_size)
+
+    def sums(x: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_sum(x, axis=(1, 2, 3))
+
+    keras.utils.set_random_seed(0)  # the shuffle's seed depends on the global one, as in a run
+    batches = data.training_batches(phase=1)
+    passes = [[float(s) for x, _ in batches for s in sums(x).numpy()] for _ in range(5)]  # read independently
+
+    trained: list[float] = []
+    keras.utils.set_random_seed(0)
+    noted = data.training_batches(phase=1).map(
+        lambda x, y: (tf.py_function(lambda s: trained.extend(s.numpy().tolist()) or s, [sums(x)], tf.float32), y)
+    )
+    noted = noted.map(lambda s, y: (tf.reshape(s, (-1, 1)), y))
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    fit_epochs(model, noted, steps, None, first_epoch=2, epochs=3, callbacks=[], verbose=0)
+    per_epoch = [trained[i * len(data.train_files) : (i + 1) * len(data.train_files)] for i in range(3)]
+    assert [passes.index(epoch) + 1 for epoch in per_epoch] == [1, 2, 3]
 
 
 def test_cross_split_duplicates_are_counted(own_image_dir):
