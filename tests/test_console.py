@@ -49,6 +49,18 @@ def test_epoch_line_without_gap_measurement_leaves_the_gap_out():
     assert epoch_line(2, 5, 10, logs) == "phase 2  epoch  6/10  loss 0.200  accuracy 0.900  val_accuracy 0.800"
 
 
+def test_a_difference_that_rounds_to_zero_is_written_plus_zero_everywhere():
+    """Two equal accuracies subtract to -1e-9 in float32; no page says "lag -0.0"."""
+    from finetune_ablation.run.diagnostics import gap_sentence
+
+    row = {"gap/total": 0.044, "gap/augmentation": 0.069, "gap/split": -0.037, "gap/dropout": 0.012}
+    row |= {"gap/lag": -1e-9, "gap/batchnorm": 0.0}
+    assert gap_sentence(row) == (
+        "validation beats training by 4.4 points: augmentation +6.9, split -3.7, dropout +1.2, lag +0.0, batchnorm +0.0"
+    )
+    assert epoch_line(0, 0, 1, {**LOGS, "gap/total": -1e-9}).endswith("gap +0.0 pts (largest: split +11.0)")
+
+
 def test_where_to_look_for_a_local_store_gives_the_ui_command_and_the_run_url():
     text = where_to_look("sqlite:////abs/path/mlruns/mlflow.db", "3", "abc123")
     assert text.splitlines() == [

@@ -65,8 +65,11 @@ def quiet_startup() -> None:
     _started = True
 
 
-def _points(value: float) -> str:
-    return f"{100 * value:+.1f}"
+def points(value: float, signed: bool = True) -> str:
+    """An accuracy fraction in points, one decimal, as every page of the suite writes it. A difference that
+    rounds to zero is 0.0, never -0.0 (two equal accuracies subtract to -1e-9 in float32)."""
+    rounded = round(100 * value, 1) + 0.0  # -0.0 + 0.0 == 0.0
+    return f"{rounded:+.1f}" if signed else f"{rounded:.1f}"
 
 
 def epoch_line(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> str:
@@ -84,10 +87,10 @@ def epoch_line(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> s
         parts.append(val)
     if rec.GAP_TOTAL in logs:
         components = [c for c in rec.GAP_COMPONENTS if rec.gap_metric(c) in logs]
-        gap = f"gap {_points(logs[rec.GAP_TOTAL])} pts"
+        gap = f"gap {points(logs[rec.GAP_TOTAL])} pts"
         if components:
             largest = max(components, key=lambda c: abs(logs[rec.gap_metric(c)]))
-            gap += f" (largest: {largest} {_points(logs[rec.gap_metric(largest)])})"
+            gap += f" (largest: {largest} {points(logs[rec.gap_metric(largest)])})"
         parts.append(gap)
     return "  ".join(parts)
 

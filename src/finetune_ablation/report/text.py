@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from .. import record as rec
+from ..console import points
 from ..record import VAL_ACCURACY
 from . import design as rd
 from . import stats as rs
@@ -24,20 +25,16 @@ _MEANING = {
 AT_CHANCE_VERDICT = "noise: the model is at chance"
 
 
-def _points(value: float, signed: bool) -> str:
-    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
-
-
 def format_cell(row: pd.Series | dict, signed: bool) -> str:
     """``mean ± sd [low, high]`` in percentage points over distinct runs; one run has no interval."""
     if row["n"] == 0:
         return "–"
-    mean = _points(row["mean"], signed)
+    mean = points(row["mean"], signed)
     if row["n"] == 1:
         return f"{mean} (n=1)"
     if row["sd"] == 0:
         return f"{mean} (no variation, n={row['n']})"
-    low, high = _points(row["ci_low"], signed), _points(row["ci_high"], signed)
+    low, high = points(row["ci_low"], signed), points(row["ci_high"], signed)
     cell = f"{mean} ± {100 * row['sd']:.1f} [{low}, {high}]"
     return cell if row["n"] == row["runs"] else f"{cell} (n={row['n']})"
 
@@ -100,10 +97,10 @@ def verdict_line(row: pd.Series | dict) -> str:
     name, verdict = row["component"], row["verdict"]
     if row["n"] == 0:
         return f"- **{name}**: {verdict}"
-    mean = _points(row["mean"], True)
+    mean = points(row["mean"], True)
     if row["n"] == 1 or row["sd"] == 0:
         return f"- **{name}**: {mean} points (n={row['n']}) — {verdict}"
-    low, high = _points(row["ci_low"], True), _points(row["ci_high"], True)
+    low, high = points(row["ci_low"], True), points(row["ci_high"], True)
     holm = row.get("p_holm")
     p = f", Holm p {holm:.3g}" if isinstance(holm, float) and holm == holm else ""
     return f"- **{name}**: {mean} points [{low}, {high}] (n={row['n']}{p}) — {verdict}"

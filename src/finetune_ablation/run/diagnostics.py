@@ -33,6 +33,7 @@ from scipy.stats import binomtest
 
 from .. import record as rec
 from ..config import DiagnosticsLevel
+from ..console import points
 from .augment import augments
 from .feature_cache import EpochBatches, Stage, why_base_varies
 from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
@@ -309,13 +310,13 @@ class GapDiagnostics(keras.callbacks.Callback):
 
 def gap_sentence(row: dict[str, float]) -> str:
     """One plain sentence: the total gap and its components by size, in accuracy points."""
-    total = 100 * row[rec.GAP_TOTAL]
+    total = row[rec.GAP_TOTAL]
     parts = sorted(COMPONENTS, key=lambda c: -abs(row[rec.gap_metric(c)]))
-    listed = ", ".join(f"{c} {100 * row[rec.gap_metric(c)]:+.1f}" for c in parts)
+    listed = ", ".join(f"{c} {points(row[rec.gap_metric(c)])}" for c in parts)
     lead = (
-        f"validation beats training by {total:.1f} points"
+        f"validation beats training by {points(total, signed=False)} points"
         if total >= 0
-        else f"training beats validation by {-total:.1f} points"
+        else f"training beats validation by {points(-total, signed=False)} points"
     )
     return f"{lead}: {listed}"
 
