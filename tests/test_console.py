@@ -59,6 +59,8 @@ def test_a_difference_that_rounds_to_zero_is_written_plus_zero_everywhere():
         "validation beats training by 4.4 points: augmentation +6.9, split -3.7, dropout +1.2, lag +0.0, batchnorm +0.0"
     )
     assert epoch_line(0, 0, 1, {**LOGS, "gap/total": -1e-9}).endswith("gap +0.0 pts (largest: split +11.0)")
+    assert gap_sentence({**row, "gap/total": -1e-9}).startswith("validation beats training by 0.0 points: ")
+    assert gap_sentence({**row, "gap/total": -0.05}).startswith("training beats validation by 5.0 points: ")
 
 
 def test_where_to_look_for_a_local_store_gives_the_ui_command_and_the_run_url():

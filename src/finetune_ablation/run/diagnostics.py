@@ -310,14 +310,11 @@ class GapDiagnostics(keras.callbacks.Callback):
 
 def gap_sentence(row: dict[str, float]) -> str:
     """One plain sentence: the total gap and its components by size, in accuracy points."""
-    total = row[rec.GAP_TOTAL]
+    total = points(row[rec.GAP_TOTAL])  # the sign as written: a total that rounds to 0.0 reads as +0.0
     parts = sorted(COMPONENTS, key=lambda c: -abs(row[rec.gap_metric(c)]))
     listed = ", ".join(f"{c} {points(row[rec.gap_metric(c)])}" for c in parts)
-    lead = (
-        f"validation beats training by {points(total, signed=False)} points"
-        if total >= 0
-        else f"training beats validation by {points(-total, signed=False)} points"
-    )
+    leader = "training beats validation" if total.startswith("-") else "validation beats training"
+    lead = f"{leader} by {total[1:]} points"
     return f"{lead}: {listed}"
 
 
