@@ -36,7 +36,7 @@ from ..config import DiagnosticsLevel
 from ..console import points
 from .augment import augments
 from .feature_cache import EpochBatches, Stage, why_base_varies
-from .model import Classifier, assign_values, batchnorm_layers, copy_values, has_random_layers
+from .model import Classifier, assign_values, batchnorm_layers, copy_values, forward_state, has_random_layers
 from .passes import MeasuringPasses, as_list
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
@@ -240,8 +240,8 @@ class GapMeter:
         totals.loss_sum += float(tf.reduce_sum(tf.cast(losses, tf.float64)))
 
     def measure(self, epoch: int) -> dict[str, float]:
-        """Accuracy, loss and correct count under each condition, with every variable restored."""
-        variables = self.clf.model.variables
+        """Accuracy, loss and correct count under each condition, with everything a pass can write restored."""
+        variables = forward_state(self.clf.model)
         saved = copy_values(variables)
         for i, state in enumerate(self._seed_states):  # a fixed, reproducible draw per epoch
             state.assign(np.array([self.seed * 1_000_003 + epoch, i], dtype=state.dtype))
