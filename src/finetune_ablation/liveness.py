@@ -167,11 +167,13 @@ def _reason(exc: BaseException) -> str:
 def end_open_runs(exc: BaseException | None) -> list[str]:
     """End every run this process still holds open: KILLED after an interrupt, FAILED otherwise, with
     the reason as the ``error`` tag. Returns their ids. Never raises: the original error matters more."""
-    import mlflow
-
     with _lock:
         runs = list(_open.items())
         _open.clear()
+    if not runs:  # e.g. a config Hydra cannot compose: its error line need not wait for MLflow's import
+        return []
+    import mlflow
+
     interrupted = isinstance(exc, KeyboardInterrupt) or isinstance(getattr(exc, "__context__", None), KeyboardInterrupt)
     status = "KILLED" if interrupted else "FAILED"
     reason = _reason(exc) if exc is not None else "the process exited with the run still open"
