@@ -211,6 +211,10 @@ def _args(tmp_path: Path, image_dir: Path, sweep: str, *extra: str) -> list[str]
         f"tracking.uri={new_store(tmp_path)}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
         f"hydra.sweep.dir={tmp_path / sweep}",
+        # as in a user's search (the cache is on by default): the trials differ only in phase 2, so one
+        # trains phase 1 and the others load it
+        "cache.phase1=true",
+        f"cache.dir={tmp_path / 'cache'}",
         *extra,
     ]
 
@@ -289,6 +293,8 @@ def test_a_search_leaves_its_trials_and_child_runs(searched):
     for trial in searched.first:  # val_accuracy of each fine-tune epoch (1, 2), from the job processes
         assert sorted(trial.intermediate_values) == [1, 2]
         assert trial.value == trial.intermediate_values[2]
+    # two joblib workers, one phase-1 entry: whichever took its lock first trained it, every other trial loaded it
+    assert sorted(r.data.tags["phase1_cache"] for r in searched.first_children) == ["hit"] * 3 + ["miss"]
 
 
 @pytest.mark.slow
