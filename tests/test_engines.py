@@ -142,7 +142,7 @@ def test_postgres_holds_the_study_of_two_sweepers_and_the_mlflow_store(tmp_path,
         args = [
             *("-m", "experiment=lr_search", *QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}"),
             *(f"hydra.sweeper.storage={postgres.url('optuna')}", "hydra.sweeper.n_trials=3"),
-            *("cache.phase1=true", f"cache.dir={tmp_path / 'cache'}"),  # one phase 1 for the study, as a user's
+            *("cache.phase1=true", f"cache.dir={tmp_path / 'cache'}"),  # one phase 1 per search
         ]
         logs = [tmp_path / f"worker{i}.log" for i in range(2)]
         procs = []
