@@ -248,17 +248,21 @@ def assign_values(variables, values: list[np.ndarray]) -> None:
         variable.assign(value)
 
 
+def moving_statistics(model: keras.Model) -> list:
+    """Every BN's moving mean and variance: what a trainable BN writes in training mode."""
+    return [v for bn in batchnorm_layers(model) for v in (bn.moving_mean, bn.moving_variance)]
+
+
 def forward_state(model: keras.Model) -> list:
-    """The variables a forward pass can write: every BN's moving statistics (a trainable BN in training
-    mode) and every random layer's seed state. Weights change only through an optimizer, so restoring
-    these undoes any pass, at 107 of the 265 variables of a MobileNetV2 classifier."""
-    moving = [v for bn in batchnorm_layers(model) for v in (bn.moving_mean, bn.moving_variance)]
-    return moving + [v for v in model.variables if "seed_generator_state" in v.path]
+    """The variables a forward pass can write: the BN moving statistics and every random layer's seed
+    state. Weights change only through an optimizer, so restoring these undoes any pass, at 107 of the
+    265 variables of a MobileNetV2 classifier."""
+    return moving_statistics(model) + [v for v in model.variables if "seed_generator_state" in v.path]
 
 
 def bn_moving_stats(base: keras.Model) -> list[np.ndarray]:
     """Copies of every BN moving mean and variance, to measure how much a phase moved them."""
-    return copy_values(v for bn in batchnorm_layers(base) for v in (bn.moving_mean, bn.moving_variance))
+    return copy_values(moving_statistics(base))
 
 
 def max_abs_change(before: list[np.ndarray], after: list[np.ndarray]) -> float:
