@@ -65,11 +65,20 @@ def history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def run_ablate(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real console script, in a subprocess, as a user runs it."""
+def run_ablate(*args: str, cwd: Path, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
+    """The real console script, in a subprocess, as a user runs it (``env_vars`` added to its environment)."""
     exe = Path(sys.executable).with_name("ablate")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HYDRA_FULL_ERROR": "0", **env_vars}
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# Python's own import log (``python -X importtime``), written to stderr: what a process really imported
+LOG_IMPORTS = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def imported(result: subprocess.CompletedProcess, module: str) -> bool:
+    """Whether a process run with ``LOG_IMPORTS`` imported ``module`` (its import log line names it)."""
+    return any(line.split("|")[-1].strip() == module for line in result.stderr.splitlines() if "|" in line)
 
 
 def artifact_path(tracking_uri: str, run_id: str, name: str) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import FAST, new_store, run_ablate, runs
+from .helpers import FAST, LOG_IMPORTS, imported, new_store, run_ablate, runs
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +68,20 @@ def test_hydra_full_error_still_shows_hydras_own_message(tmp_path):
 
 @pytest.mark.parametrize("mode", [[], ["-m", "model.dropout=0,0.5"]])
 def test_an_unknown_tracking_scheme_is_one_line_and_exit_2(tmp_path, mode):
-    line = _one_error_line(run_ablate(*mode, "tracking.uri=bogus://x", f"data.dir={tmp_path}", cwd=tmp_path))
+    result = run_ablate(*mode, "tracking.uri=bogus://x", f"data.dir={tmp_path}", cwd=tmp_path, **LOG_IMPORTS)
+    line = _one_error_line(result)
     assert "unsupported URI scheme 'bogus'" in line and "tracking.uri" in line
+    # the line comes before TensorFlow's seconds of importing (MLflow: the log does list what was imported)
+    assert imported(result, "mlflow") and not imported(result, "tensorflow")
+
+
+def test_a_value_out_of_range_fails_its_run_before_tensorflow_loads(tmp_path):
+    uri = new_store(tmp_path)
+    result = run_ablate("model.dropout=1.5", f"tracking.uri={uri}", f"data.dir={tmp_path}", cwd=tmp_path, **LOG_IMPORTS)
+    assert "model.dropout=1.5 is out of range" in _one_error_line(result)
+    (run,) = runs(uri)
+    assert run.info.status == "FAILED" and run.data.params["model.dropout"] == "1.5"
+    assert imported(result, "mlflow") and not imported(result, "tensorflow")
 
 
 def test_a_multirun_whose_store_cannot_be_reached_exits_2_before_any_job(tmp_path):

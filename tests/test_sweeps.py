@@ -19,7 +19,7 @@ from finetune_ablation.run import resume
 from finetune_ablation.run.parent_run import find_parent_run, tag_filter
 from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import encode_value
 
-from .helpers import FAST, make_cfg, new_store, run_ablate, runs
+from .helpers import FAST, LOG_IMPORTS, imported, make_cfg, new_store, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1"]
 # where a test checks resuming or failures, not what a job measured: no gap measurement to trace
@@ -27,7 +27,7 @@ UNMEASURED = "diagnostics=off"
 SKIPPED = "skipped: identical run "
 
 
-def _sweep(tmp_path: Path, image_dir: Path, *grid: str, name: str = "sweep"):
+def _sweep(tmp_path: Path, image_dir: Path, *grid: str, name: str = "sweep", **env_vars: str):
     uri = new_store(tmp_path)
     result = run_ablate(
         "-m",
@@ -38,6 +38,7 @@ def _sweep(tmp_path: Path, image_dir: Path, *grid: str, name: str = "sweep"):
         *grid,
         cwd=tmp_path,
         timeout=1500,  # a 4-job sweep on a loaded 2-core machine
+        **env_vars,
     )
     return uri, result
 
@@ -90,11 +91,12 @@ def test_multirun_groups_jobs_and_resumes_without_retraining(tmp_path, image_dir
     assert result.returncode == 0, result.stderr[-3000:]
     first_parent = _check_grouping(uri, 4)
 
-    # the same grid again: every job is skipped, no new child run, no training
-    _, again = _sweep(tmp_path, image_dir, *GRID, name="sweep2")
+    # the same grid again: every job is skipped, no new child run, no training, not even TensorFlow imported
+    _, again = _sweep(tmp_path, image_dir, *GRID, name="sweep2", **LOG_IMPORTS)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _out(again).count(SKIPPED) == 4
     assert "Epoch" not in again.stdout
+    assert imported(again, "mlflow") and not imported(again, "tensorflow")
     parents = _parents(uri)
     assert len(parents) == 2
     second_parent = next(p for p in parents if p.info.run_id != first_parent)

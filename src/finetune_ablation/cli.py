@@ -85,12 +85,9 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     In a multirun the run is a child of the sweep's parent run, and with ``resume=true`` a config
     that already FINISHED is not trained again. A bad input prints one line and exits 2 in a single
     run; in a multirun it fails only this job (FAILED in MLflow, the sweep goes on) and returns None."""
-    from . import console
-
-    console.quiet_startup()  # before anything imports TensorFlow
     import mlflow
 
-    from . import liveness, reaper, tracking
+    from . import console, liveness, reaper, tracking
     from .run import parent_run, resume
 
     try:
@@ -101,7 +98,6 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         return _fail(exc)
     reaper.reap_once(client, uri)  # runs left RUNNING by killed processes become KILLED
     from .run.optuna_trial import trial_callbacks, trial_tags
-    from .run.train import limit_tf_threads, train_and_log  # TensorFlow: only once the store answers
 
     tags = {
         **resume.identity_tags(cfg),
@@ -122,7 +118,6 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
                 log.info(decision.reason)
             if decision.reuse is not None:
                 return _reuse(client, decision.reuse, parent_id)
-    limit_tf_threads(_threads(cfg))
     mlflow.set_tracking_uri(uri)
     with (
         mlflow.start_run(
@@ -134,6 +129,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
             mlflow.log_params(tracking.config_params(cfg))
             _log_hydra_files()
             validate(cfg)
+            train_and_log = _import_training(_threads(cfg))
             result = train_and_log(cfg, extra_callbacks=trial_callbacks(cfg))
         except KeyboardInterrupt as exc:
             tracking.end_run_failed(exc, status="KILLED")
@@ -151,6 +147,18 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     if not _in_multirun():  # a sweep prints its parent run at the end instead
         console.print_where_to_look(uri, experiment_id, run.info.run_id)
     return result
+
+
+def _import_training(threads: int | None):
+    """Import TensorFlow, quietly, with its thread pools sized: only once a job is sure to train. A store
+    that does not answer, a job resume skips and a value out of range never wait the seconds it takes."""
+    from . import console
+
+    console.quiet_startup()  # before anything imports TensorFlow
+    from .run.train import limit_tf_threads, train_and_log
+
+    limit_tf_threads(threads)
+    return train_and_log
 
 
 def _fail(exc: UserError, run_id: str | None = None) -> None:
