@@ -1,17 +1,16 @@
 """The user's image folder as train/validation datasets, checked before any training starts.
 
-Which files count is decided once, here (``is_ignored``): the scan, the fingerprint and the split all
-read the same list. The split is Keras's own assignment (``image_dataset_from_directory`` with
-``subset="both"`` and the seed: by file, disjoint), computed on that list rather than by a second walk
-of the folder that would see files the scan skipped. Images are decoded with the same ops Keras uses,
-cached once, and the training split is reshuffled every epoch from its seed. A second, unshuffled view
-of the training split serves the measuring passes, so measuring never advances the training pipeline's
-shuffle state."""
+Which files count is decided once, in ``image_files`` (no TensorFlow: resume fingerprints a folder with
+it before a job knows whether it trains): the scan, the fingerprint and the split all read that list.
+The split is Keras's own assignment (``image_dataset_from_directory`` with ``subset="both"`` and the
+seed: by file, disjoint), computed on that list rather than by a second walk of the folder that would
+see files the scan skipped. Images are decoded with the same ops Keras uses, cached once, and the
+training split is reshuffled every epoch from its seed. A second, unshuffled view of the training split
+serves the measuring passes, so measuring never advances the training pipeline's shuffle state."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import sys
@@ -26,18 +25,7 @@ import tensorflow as tf
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..fingerprints import file_sha256
-
-IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what Keras's directory loader reads
-_IGNORED_FILES = {"thumbs.db", "desktop.ini"}
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    path: Path
-    relpath: str
-    class_name: str
-    sha256: str
+from .image_files import ImageFile, fingerprint, list_images
 
 
 @dataclass
@@ -81,12 +69,6 @@ class Datasets:
                 out[f"{split}.{name}"] = per_class.get(name, 0)
             out[f"{split}.total"] = len(files)
         return out
-
-
-def is_ignored(name: str) -> bool:
-    """The one rule for what is not data, shared by the scan and the split: hidden files and folders
-    (``.DS_Store``, macOS's ``._img.jpg`` resource forks, ``.ipynb_checkpoints``) and Windows' clutter."""
-    return name.startswith(".") or name.lower() in _IGNORED_FILES
 
 
 _TF_INTERNALS = re.compile(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$")  # {{function_node ..}}, [Op:..]
@@ -138,53 +120,17 @@ def _check_decodes(path: Path) -> tf.Tensor:
     return image
 
 
-def _class_files(root: Path, name: str) -> list[Path]:
-    """A class folder's images in Keras's index order (``index_directory``): folders sorted by path,
-    files sorted by name; hidden files and folders are not walked."""
-    walked = []
-    for dirpath, dirnames, filenames in os.walk(root / name):
-        dirnames[:] = [d for d in dirnames if not is_ignored(d)]
-        walked.append((dirpath, filenames))
-    return [Path(dirpath) / f for dirpath, names in sorted(walked) for f in sorted(names) if not is_ignored(f)]
-
-
 def scan_folder(
     directory: str | None, decoded: Callable[[ImageFile, tf.Tensor], None] | None = None
 ) -> tuple[list[str], list[ImageFile]]:
-    """Class names (sorted visible sub-folders) and every image, each checked to decode, in the order
-    Keras's directory loader indexes them (so the seeded split below assigns each file as Keras would).
-    ``decoded`` receives each file with its decoded pixels (to keep them: see ``DecodedImages``)."""
-    if not directory:
-        raise UserError(
-            "data.dir is not set: pass data.dir=PATH (a folder with one sub-folder per class), or try experiment=demo"
-        )
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise UserError(
-            f"data.dir={directory} does not exist or is not a folder: pass data.dir=PATH to a folder "
-            "with one sub-folder per class"
-        )
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_ignored(p.name))
-    if len(class_names) < 2:
-        raise UserError(
-            f"data.dir={directory} has {len(class_names)} class folder(s) {class_names}: a classifier "
-            "needs at least two, one sub-folder per class"
-        )
-    files: list[ImageFile] = []
-    for name in class_names:
-        paths = _class_files(root, name)
-        if not paths:
-            raise UserError(f"class folder {root / name} has no images: add images or remove the empty folder")
-        for path in paths:
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise UserError(
-                    f"{path} is not an image Keras can read (allowed: {', '.join(IMAGE_SUFFIXES)}): "
-                    "move it out of the data folder or convert it"
-                )
-            pixels = _check_decodes(path)
-            files.append(ImageFile(path, path.relative_to(root).as_posix(), name, file_sha256(path)))
-            if decoded is not None:
-                decoded(files[-1], pixels)
+    """Class names and every image (``image_files.list_images``), each checked to decode with the op the
+    pipeline uses. ``decoded`` receives each file with its decoded pixels (to keep them: see
+    ``DecodedImages``)."""
+    class_names, files = list_images(directory)
+    for file in files:
+        pixels = _check_decodes(file.path)
+        if decoded is not None:
+            decoded(file, pixels)
     return class_names, files
 
 
@@ -217,14 +163,6 @@ def split_files(
                     f"see it: add images to {name}, or change data.validation_split"
                 )
     return train, val
-
-
-def fingerprint(files: list[ImageFile]) -> str:
-    """Hash over sorted relative paths and file contents: names the exact data a run saw."""
-    digest = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.relpath):
-        digest.update(f"{f.relpath}\0{f.sha256}\n".encode())
-    return digest.hexdigest()
 
 
 def _resized(image: tf.Tensor, image_size: int) -> tf.Tensor:

@@ -62,14 +62,14 @@ def identity_tags(cfg: DictConfig) -> dict[str, str]:
 def data_fingerprint(cfg: DictConfig) -> str | None:
     """The fingerprint the training will log for these images (None when the folder cannot be read:
     the job then fails on it with its own error line)."""
-    from .data import fingerprint, scan_folder
+    from .image_files import fingerprint, list_images
 
     try:
         if cfg.data.synthetic:
             from ..demo_data import ensure_demo_dataset
 
             ensure_demo_dataset(cfg.data.dir, cfg.data.synthetic_images_per_class)
-        return fingerprint(scan_folder(cfg.data.dir)[1])
+        return fingerprint(list_images(cfg.data.dir)[1])
     except UserError:
         return None
 

@@ -1,0 +1,87 @@
+"""Which files of an image folder are the data, and their fingerprint, without TensorFlow.
+
+The one rule for what counts (``is_ignored``, ``IMAGE_SUFFIXES``) and the order Keras's directory loader
+indexes files in. ``data.scan_folder`` lists with it and then checks that each image decodes; resume
+fingerprints a folder with it alone, before a job knows whether it trains (a job that is skipped never
+imports TensorFlow)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..fingerprints import file_sha256
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what Keras's directory loader reads
+_IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    relpath: str
+    class_name: str
+    sha256: str
+
+
+def is_ignored(name: str) -> bool:
+    """The one rule for what is not data, shared by the scan and the split: hidden files and folders
+    (``.DS_Store``, macOS's ``._img.jpg`` resource forks, ``.ipynb_checkpoints``) and Windows' clutter."""
+    return name.startswith(".") or name.lower() in _IGNORED_FILES
+
+
+def _class_files(root: Path, name: str) -> list[Path]:
+    """A class folder's images in Keras's index order (``index_directory``): folders sorted by path,
+    files sorted by name; hidden files and folders are not walked."""
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(root / name):
+        dirnames[:] = [d for d in dirnames if not is_ignored(d)]
+        walked.append((dirpath, filenames))
+    return [Path(dirpath) / f for dirpath, names in sorted(walked) for f in sorted(names) if not is_ignored(f)]
+
+
+def list_images(directory: str | None) -> tuple[list[str], list[ImageFile]]:
+    """Class names (sorted visible sub-folders) and every image with its SHA-256, in the order Keras's
+    directory loader indexes them (so the seeded split assigns each file as Keras would). Refuses, with
+    the fix, a folder that is missing, has fewer than two classes, an empty class or a file of another
+    type. Whether each image decodes is ``data.scan_folder``'s check."""
+    if not directory:
+        raise UserError(
+            "data.dir is not set: pass data.dir=PATH (a folder with one sub-folder per class), or try experiment=demo"
+        )
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"data.dir={directory} does not exist or is not a folder: pass data.dir=PATH to a folder "
+            "with one sub-folder per class"
+        )
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_ignored(p.name))
+    if len(class_names) < 2:
+        raise UserError(
+            f"data.dir={directory} has {len(class_names)} class folder(s) {class_names}: a classifier "
+            "needs at least two, one sub-folder per class"
+        )
+    files: list[ImageFile] = []
+    for name in class_names:
+        paths = _class_files(root, name)
+        if not paths:
+            raise UserError(f"class folder {root / name} has no images: add images or remove the empty folder")
+        for path in paths:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(
+                    f"{path} is not an image Keras can read (allowed: {', '.join(IMAGE_SUFFIXES)}): "
+                    "move it out of the data folder or convert it"
+                )
+            files.append(ImageFile(path, path.relative_to(root).as_posix(), name, file_sha256(path)))
+    return class_names, files
+
+
+def fingerprint(files: list[ImageFile]) -> str:
+    """Hash over sorted relative paths and file contents: names the exact data a run saw."""
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.relpath):
+        digest.update(f"{f.relpath}\0{f.sha256}\n".encode())
+    return digest.hexdigest()
