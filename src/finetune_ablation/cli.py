@@ -25,6 +25,8 @@ from .errors import UserError
 from .paths import CONF_DIR
 
 if TYPE_CHECKING:  # mlflow is imported where a job runs, keeping --help and --cfg fast
+    from collections.abc import Callable
+
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
@@ -149,7 +151,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     return result
 
 
-def _import_training(threads: int | None):
+def _import_training(threads: int | None) -> Callable[..., float]:
     """Import TensorFlow, quietly, with its thread pools sized: only once a job is sure to train. A store
     that does not answer, a job resume skips and a value out of range never wait the seconds it takes."""
     from . import console
