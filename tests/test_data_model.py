@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from finetune_ablation.config import DataConfig, ModelConfig
 from finetune_ablation.errors import UserError
 from finetune_ablation.run.data import decode_failure_reason, load_datasets, scan_folder
-from finetune_ablation.run.model import load_base
+from finetune_ablation.run.model import compile_for_fit, load_base
 from finetune_ablation.run.train import fit_epochs, loss_and_accuracy
 
 
@@ -143,6 +143,31 @@ def test_each_epoch_trains_on_the_next_reshuffle(image_dir):
     fit_epochs(model, noted, steps, None, first_epoch=2, epochs=3, callbacks=[], verbose=0)
     per_epoch = [trained[i * len(data.train_files) : (i + 1) * len(data.train_files)] for i in range(3)]
     assert [passes.index(epoch) + 1 for epoch in per_epoch] == [1, 2, 3]
+
+
+def test_compile_for_fit_traces_the_train_step_once():
+    """Left to ``fit``, Adam makes its variables inside the train step's first trace, and TensorFlow traces
+    the step again; built at compile time, one trace, the same losses (docs/stack-facts.md K11)."""
+    x = np.linspace(-1, 1, 32, dtype="float32").reshape(-1, 1)
+    y = x**2
+
+    def fitted(compile_it) -> tuple[int, list[float]]:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(4, "tanh"), keras.layers.Dense(1)])
+        compile_it(model, keras.optimizers.Adam(1e-2), keras.losses.MeanSquaredError(), [])
+        traces = []
+        step = model.train_step  # runs in Python only while the step is traced
+        model.train_step = lambda data: traces.append(data) or step(data)
+        losses = model.fit(x, y, batch_size=8, epochs=3, verbose=0).history["loss"]
+        return len(traces), losses
+
+    def plain_compile(model: keras.Model, optimizer, loss, metrics: list) -> None:
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+    plain = fitted(plain_compile)
+    built = fitted(compile_for_fit)
+    assert (plain[0], built[0]) == (2, 1)
+    assert built[1] == plain[1]
 
 
 def test_cross_split_duplicates_are_counted(own_image_dir):

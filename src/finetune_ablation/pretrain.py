@@ -144,7 +144,7 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     import keras
     import tensorflow as tf
 
-    from .run.model import batchnorm_layers, calibrate_batchnorm
+    from .run.model import batchnorm_layers, calibrate_batchnorm, compile_for_fit
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.seed)
@@ -163,16 +163,26 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     model = keras.Model(inputs, keras.layers.Dense(len(SOURCE_CLASSES))(x))
     steps = settings.epochs * math.ceil(settings.train_per_class * len(SOURCE_CLASSES) / settings.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(settings.learning_rate, steps)
-    model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    compile_for_fit(
+        model,
+        keras.optimizers.Adam(schedule),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     started = time.perf_counter()
     for epoch in range(settings.epochs):  # fresh images every epoch: a small base memorises a fixed set
         x_train, y_train = source_split(settings.train_per_class, size, settings.seed, epoch)
         batches = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(settings.batch_size)
-        model.fit(batches, validation_data=(x_val, y_val), initial_epoch=epoch, epochs=epoch + 1, verbose=verbose)
+        # shuffle=False says what happens: Keras never shuffles a tf.data.Dataset (it warns about the default
+        # shuffle=True and ignores it), so the batches come in the draw's order, classes interleaved
+        model.fit(
+            batches,
+            validation_data=(x_val, y_val),
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            verbose=verbose,
+            shuffle=False,
+        )
     # Even at momentum 0.9 the moving BN statistics trail the weights by a few steps: set them exactly to
     # the trained base's statistics over training images (x_train: the last epoch's draw, classes
     # interleaved), so that inference mode (a frozen base) sees what training mode saw.

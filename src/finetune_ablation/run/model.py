@@ -237,6 +237,14 @@ def unfreeze_top(base: keras.Model, fine_tune_at: int, freeze_bn: bool) -> str |
     return base.layers[fine_tune_at].name if fine_tune_at < len(base.layers) else None
 
 
+def compile_for_fit(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss, metrics: list) -> None:
+    """``compile``, then make the optimizer's variables at once: left to ``fit``, the optimizer creates them
+    inside the train step's first trace, and TensorFlow then traces the whole step a second time (the same
+    numbers, twice the trace; docs/stack-facts.md K11)."""
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    model.optimizer.build(model.trainable_variables)
+
+
 def copy_values(variables) -> list[np.ndarray]:
     """Copies of the variables' current values (to restore them, compare them or store them)."""
     return [np.array(v.numpy(), copy=True) for v in variables]

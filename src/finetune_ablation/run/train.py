@@ -35,6 +35,7 @@ from .model import (
     bn_moving_stats,
     build_classifier,
     calibrate_batchnorm,
+    compile_for_fit,
     freeze_base,
     load_base,
     max_abs_change,
@@ -87,8 +88,7 @@ def limit_tf_threads(threads: int | None) -> None:
 def compile_fresh(model: keras.Model, binary: bool, learning_rate: float) -> None:
     """Always a NEW optimizer: reusing the one built for another trainable set raises in Keras 3."""
     loss, accuracy = loss_and_accuracy(binary)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
-    model.optimizer.build(model.trainable_variables)
+    compile_for_fit(model, keras.optimizers.Adam(learning_rate), loss, [accuracy])
 
 
 def _record_data(data: Datasets, recorder: Recorder) -> None:
