@@ -118,6 +118,18 @@ def test_non_image_file(capsys, tracking_uri, own_image_dir):
     _fails(capsys, make_cfg(own_image_dir, tracking_uri), "notes.txt is not an image", "move it out")
 
 
+def test_an_image_that_cannot_be_read_is_named_in_one_line(capsys, tracking_uri, own_image_dir):
+    """A link whose target is gone: one line naming it, from the run and not a traceback from resume,
+    which reads every file before a job knows whether it trains (it leaves the error to the run)."""
+    from finetune_ablation.run import resume
+
+    (own_image_dir / "alpaca" / "gone.png").symlink_to(own_image_dir / "nowhere.png")
+    cfg = make_cfg(own_image_dir, tracking_uri)
+    assert resume.data_fingerprint(cfg) is None
+    _fails(capsys, cfg, "gone.png cannot be read (No such file or directory)", "remove it from the data folder")
+    _assert_failed_run(tracking_uri, "gone.png cannot be read")
+
+
 def test_hidden_files_and_folders_are_ignored(tracking_uri, own_image_dir):
     """OS clutter is not an error and not a class: .DS_Store, ._x.jpg, .ipynb_checkpoints (the split is
     tested against Keras's own in test_data_model.py)."""

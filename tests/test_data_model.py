@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from finetune_ablation.config import DataConfig, ModelConfig
 from finetune_ablation.errors import UserError
+from finetune_ablation.run import resume
 from finetune_ablation.run.data import decode_failure_reason, load_datasets, scan_folder
 from finetune_ablation.run.model import compile_for_fit, load_base
 from finetune_ablation.run.train import fit_epochs, loss_and_accuracy
@@ -92,6 +94,15 @@ def test_os_clutter_counts_nowhere_and_leaves_the_split_unchanged(own_image_dir,
     assert [f.relpath for f in data.train_files] == [str(Path(p).relative_to(clean)) for p in keras_train]
     assert [f.relpath for f in data.val_files] == [str(Path(p).relative_to(clean)) for p in keras_val]
     assert data.fingerprint == load_datasets(_data_cfg(clean)).fingerprint
+    # by hand, from Keras's own file list of the clean folder: what training logs, and what resume compares
+    # (resume lists the folder without TensorFlow, before a job knows whether it trains)
+    by_hand = hashlib.sha256()
+    for rel in sorted(str(Path(p).relative_to(clean)) for p in keras_train + keras_val):
+        by_hand.update(f"{rel}\0{hashlib.sha256((clean / rel).read_bytes()).hexdigest()}\n".encode())
+    assert data.fingerprint == by_hand.hexdigest()
+    assert resume.data_fingerprint(OmegaConf.create({"data": {"dir": str(own_image_dir), "synthetic": False}})) == (
+        by_hand.hexdigest()
+    )
 
 
 def test_corrupt_image_reason_has_no_tensorflow_internals():

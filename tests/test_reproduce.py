@@ -119,6 +119,7 @@ def test_reproduction_exits_0_with_max_diff_0(reproduced):
     done, again = reproduced
     assert done.returncode == 0, done.stderr[-3000:]
     assert "max |diff| = 0 (tolerance 0): match" in done.stdout
+    assert "cudart_stub" not in done.stderr and "absl::InitializeLog" not in done.stderr  # no start-up chatter
     (new,) = again
     assert new.info.status == "FINISHED"
     assert new.data.metrics["reproduce/max_abs_diff"] == 0.0

@@ -61,7 +61,6 @@ def quiet_startup() -> None:
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # absl's Python INFO/WARNING lines from TF internals
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
     _started = True
 
 

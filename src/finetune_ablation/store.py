@@ -8,6 +8,7 @@ database: the first one creates and migrates it, the others wait and then find i
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from filelock import FileLock
@@ -29,6 +30,9 @@ def ensure_created(uri: str, db: Path | None) -> None:
         return
     import mlflow
 
+    # the schema is the suite's business: MLflow's "Creating initial MLflow database tables..." and
+    # "Updating database tables" would stand above a user's first epoch line or one error line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     with FileLock(str(lock_path(db)), timeout=LOCK_TIMEOUT_S):
         # the first client creates (or migrates) the schema; MLflow caches that store per process
         mlflow.MlflowClient(uri).search_experiments(max_results=1)

@@ -27,8 +27,8 @@ import pandas as pd
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
+from .. import console, tracking
 from .. import record as rec
-from .. import tracking
 from ..errors import UserError
 from ..runstore import default_uri, get_run, open_store, run_cli
 from .rebuild import rebuild
@@ -236,6 +236,7 @@ def reproduce(args: argparse.Namespace) -> int:
         ]
     )
     _warn(environment_warnings(run))
+    console.quiet_startup()  # TensorFlow's CUDA and absl start-up lines, before anything imports it
     from ..run.train import limit_tf_threads  # before check_data starts TF's runtime, or the run's pools are lost
 
     limit_tf_threads(rebuilt.cfg.threads)

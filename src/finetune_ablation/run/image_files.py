@@ -28,7 +28,7 @@ class ImageFile:
 
 
 def is_ignored(name: str) -> bool:
-    """The one rule for what is not data, shared by the scan and the split: hidden files and folders
+    """The one rule for what is not data, for class folders, sub-folders and files alike: hidden files and folders
     (``.DS_Store``, macOS's ``._img.jpg`` resource forks, ``.ipynb_checkpoints``) and Windows' clutter."""
     return name.startswith(".") or name.lower() in _IGNORED_FILES
 
@@ -75,8 +75,19 @@ def list_images(directory: str | None) -> tuple[list[str], list[ImageFile]]:
                     f"{path} is not an image Keras can read (allowed: {', '.join(IMAGE_SUFFIXES)}): "
                     "move it out of the data folder or convert it"
                 )
-            files.append(ImageFile(path, path.relative_to(root).as_posix(), name, file_sha256(path)))
+            files.append(ImageFile(path, path.relative_to(root).as_posix(), name, _readable_sha256(path)))
     return class_names, files
+
+
+def _readable_sha256(path: Path) -> str:
+    """The file's SHA-256, or the one line that says it cannot be read (a broken link, no permission)."""
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise UserError(
+            f"{path} cannot be read ({exc.strerror or exc}): fix its permissions, or remove it from the data "
+            "folder (a link whose target is gone?)"
+        ) from None
 
 
 def fingerprint(files: list[ImageFile]) -> str:

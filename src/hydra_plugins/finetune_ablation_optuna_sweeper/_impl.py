@@ -1,7 +1,7 @@
 """The sweep loop: ask a batch of trials, launch them through the configured Hydra launcher, tell the
 results, until the study holds ``n_trials`` complete + pruned trials (see ``_study`` for the counting).
 
-Jobs report intermediate values themselves (``finetune_ablation.run.optuna_trial``); the sweeper alone tells
+Jobs report intermediate values themselves (``finetune_ablation.run.trial_reporter``); the sweeper alone tells
 Optuna how each trial ended: COMPLETE with the job's return value, PRUNED when the job stopped on the
 pruner's word (it leaves the user attr ``pruned_at_epoch``), FAIL when the job failed or returned no
 finite number."""
