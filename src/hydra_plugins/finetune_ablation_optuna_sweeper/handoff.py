@@ -101,7 +101,8 @@ def _plain(node: Any) -> dict[str, Any]:
 def open_storage(url: str, heartbeat_interval: int | None = None, attempts: int = 3):
     """An ``optuna.storages.RDBStorage`` for ``url``, waiting on sqlite locks instead of failing.
 
-    Retried a few times: workers that start together on a new database race to create its tables."""
+    Retried a few times: workers that start together on a new database race to create its tables, and the
+    loser's error depends on the database and the moment (docs/stack-facts.md O3)."""
     import optuna
     import sqlalchemy.exc
 
@@ -114,7 +115,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, attempts: int 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == attempts:
                 raise
             time.sleep(attempt)
