@@ -131,6 +131,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
             mlflow.log_params(tracking.config_params(cfg))
             _log_hydra_files()
             validate(cfg)
+            _check_folder_shape(cfg)
             train_and_log = _import_training(_threads(cfg))
             result = train_and_log(cfg, extra_callbacks=trial_callbacks(cfg))
         except KeyboardInterrupt as exc:
@@ -149,6 +150,15 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     if not _in_multirun():  # a sweep prints its parent run at the end instead
         console.print_where_to_look(uri, experiment_id, run.info.run_id)
     return result
+
+
+def _check_folder_shape(cfg: DictConfig) -> None:
+    """A missing data folder, fewer than two classes, an empty class or a file of another type is refused
+    from the names alone, before the seconds of importing TensorFlow (generated images are made later)."""
+    if not cfg.data.synthetic:
+        from .run.image_files import class_folders
+
+        class_folders(cfg.data.dir)
 
 
 def _import_training(threads: int | None) -> Callable[..., float]:

@@ -3,7 +3,7 @@
 The one rule for what counts (``is_ignored``, ``IMAGE_SUFFIXES``) and the order Keras's directory loader
 indexes files in. ``data.scan_folder`` lists with it and then checks that each image decodes; resume
 fingerprints a folder with it alone, before a job knows whether it trains (a job that is skipped never
-imports TensorFlow)."""
+imports TensorFlow); ``ablate`` checks the folder's shape with it before it loads TensorFlow."""
 
 from __future__ import annotations
 
@@ -43,11 +43,10 @@ def _class_files(root: Path, name: str) -> list[Path]:
     return [Path(dirpath) / f for dirpath, names in sorted(walked) for f in sorted(names) if not is_ignored(f)]
 
 
-def list_images(directory: str | None) -> tuple[list[str], list[ImageFile]]:
-    """Class names (sorted visible sub-folders) and every image with its SHA-256, in the order Keras's
-    directory loader indexes them (so the seeded split assigns each file as Keras would). Refuses, with
-    the fix, a folder that is missing, has fewer than two classes, an empty class or a file of another
-    type. Whether each image decodes is ``data.scan_folder``'s check."""
+def class_folders(directory: str | None) -> tuple[Path, list[str], dict[str, list[Path]]]:
+    """The folder, its class names (sorted visible sub-folders) and each class's images in Keras's index
+    order, from the names alone: no file is opened, so ``ablate`` refuses a folder that is missing, has
+    fewer than two classes, an empty class or a file of another type before it loads TensorFlow."""
     if not directory:
         raise UserError(
             "data.dir is not set: pass data.dir=PATH (a folder with one sub-folder per class), or try experiment=demo"
@@ -64,18 +63,29 @@ def list_images(directory: str | None) -> tuple[list[str], list[ImageFile]]:
             f"data.dir={directory} has {len(class_names)} class folder(s) {class_names}: a classifier "
             "needs at least two, one sub-folder per class"
         )
-    files: list[ImageFile] = []
-    for name in class_names:
-        paths = _class_files(root, name)
-        if not paths:
+    paths = {name: _class_files(root, name) for name in class_names}
+    for name, found in paths.items():
+        if not found:
             raise UserError(f"class folder {root / name} has no images: add images or remove the empty folder")
-        for path in paths:
+        for path in found:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise UserError(
                     f"{path} is not an image Keras can read (allowed: {', '.join(IMAGE_SUFFIXES)}): "
                     "move it out of the data folder or convert it"
                 )
-            files.append(ImageFile(path, path.relative_to(root).as_posix(), name, _readable_sha256(path)))
+    return root, class_names, paths
+
+
+def list_images(directory: str | None) -> tuple[list[str], list[ImageFile]]:
+    """Class names and every image with its SHA-256, in the order Keras's directory loader indexes them
+    (so the seeded split assigns each file as Keras would). Refuses what ``class_folders`` refuses, and a
+    file that cannot be read. Whether each image decodes is ``data.scan_folder``'s check."""
+    root, class_names, paths = class_folders(directory)
+    files = [
+        ImageFile(path, path.relative_to(root).as_posix(), name, _readable_sha256(path))
+        for name in class_names
+        for path in paths[name]
+    ]
     return class_names, files
 
 
