@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import mlflow
 import pytest
 
@@ -18,38 +21,54 @@ def _run(image_dir, uri, cache_dir, *overrides):
     return runs(uri)[-1]
 
 
+def _phase1_lines(run_and_print) -> tuple[object, list[str]]:
+    """Run, and keep the lines it printed for phase 1 (what a user sees of it)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run = run_and_print()
+    return run, [line for line in printed.getvalue().splitlines() if line.startswith("phase 1 ")]
+
+
+@pytest.fixture(scope="module")
+def cached_study(image_dir, tmp_path_factory) -> dict:
+    """One store and one cache, as a user's study fills them: the course's run with the cache off, the
+    same run that fills the cache (miss), the same again (hit), and what each printed for phase 1. The
+    tests of what an entry is shared by add their runs to this store and cache."""
+    folder = tmp_path_factory.mktemp("cached-study")
+    uri, cache = new_store(folder), folder / "cache"
+    plain = _run(image_dir, uri, None)
+    miss, miss_lines = _phase1_lines(lambda: _run(image_dir, uri, cache))
+    hit, hit_lines = _phase1_lines(lambda: _run(image_dir, uri, cache))
+    return {"uri": uri, "cache": cache, "plain": plain, "miss": (miss, miss_lines), "hit": (hit, hit_lines)}
+
+
 @pytest.mark.slow
-def test_cached_phase1_gives_bit_identical_runs(image_dir, tracking_uri, tmp_path, capsys):
-    cache = tmp_path / "cache"
-    plain = _run(image_dir, tracking_uri, None)
-    miss = _run(image_dir, tracking_uri, cache)
-    trained_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("phase 1 ")]
-    hit = _run(image_dir, tracking_uri, cache)
-    cached_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("phase 1 ")]
+def test_cached_phase1_gives_bit_identical_runs(cached_study):
+    uri, plain = cached_study["uri"], cached_study["plain"]
+    (miss, trained_lines), (hit, cached_lines) = cached_study["miss"], cached_study["hit"]
     # a user who runs the same command again still sees phase 1, said to come from the cache
-    assert cached_lines == [f"{line}  (from the phase-1 cache)" for line in trained_lines[-2:]]
+    assert len(trained_lines) == 2
+    assert cached_lines == [f"{line}  (from the phase-1 cache)" for line in trained_lines]
     assert plain.data.tags["phase1_cache"] == "off"
     assert miss.data.tags["phase1_cache"] == "miss" and hit.data.tags["phase1_cache"] == "hit"
     for run in (miss, hit):
         assert run.data.tags["model.weights_sha256"] == plain.data.tags["model.weights_sha256"]
         for key in plain.data.metrics:
-            assert history(tracking_uri, run.info.run_id, key) == history(tracking_uri, plain.info.run_id, key), key
-    artifacts = {a.path for a in mlflow.MlflowClient(tracking_uri).list_artifacts(hit.info.run_id)}
+            assert history(uri, run.info.run_id, key) == history(uri, plain.info.run_id, key), key
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(hit.info.run_id)}
     assert "trainable_weights_phase1.txt" in artifacts
 
 
 @pytest.mark.slow
-def test_phase2_settings_share_the_entry_and_phase1_settings_do_not(image_dir, tracking_uri, tmp_path):
-    cache = tmp_path / "cache"
-    first = _run(image_dir, tracking_uri, cache, "model.fine_tune_at=100")
-    deeper = _run(
-        image_dir, tracking_uri, cache, "model.fine_tune_at=140", "model.freeze_bn=true", "train.fine_tune_lr=3e-5"
-    )
+def test_phase2_settings_share_the_entry_and_phase1_settings_do_not(image_dir, cached_study):
+    uri, cache, (first, _) = cached_study["uri"], cached_study["cache"], cached_study["miss"]
+    deeper = _run(image_dir, uri, cache, "model.fine_tune_at=140", "model.freeze_bn=true", "train.fine_tune_lr=3e-5")
+    assert first.data.params["model.fine_tune_at"] == "150"  # FAST's depth: 140 unfreezes more
     assert deeper.data.tags["phase1_cache"] == "hit"
     assert deeper.data.tags["phase1_cache_key"] == first.data.tags["phase1_cache_key"]
     for key in KERAS_AND_GAP:
-        assert history(tracking_uri, deeper.info.run_id, key)[:2] == history(tracking_uri, first.info.run_id, key)[:2]
-    other = _run(image_dir, tracking_uri, cache, "model.dropout=0.5")
+        assert history(uri, deeper.info.run_id, key)[:2] == history(uri, first.info.run_id, key)[:2]
+    other = _run(image_dir, uri, cache, "model.dropout=0.5")
     assert other.data.tags["phase1_cache"] == "miss"
     assert other.data.tags["phase1_cache_key"] != first.data.tags["phase1_cache_key"]
 

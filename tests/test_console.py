@@ -1,4 +1,5 @@
-"""The console: one short line per epoch, no start-up chatter, and where to look at the end of a run."""
+"""The console: one short line per epoch, no start-up chatter, and where to look at the end of a run; and
+what a run from the command line records of the command."""
 
 from __future__ import annotations
 
@@ -99,11 +100,29 @@ def test_start_up_filter_drops_the_chatter_and_keeps_real_messages(tmp_path):
     assert result.stderr.splitlines() == ["W0000 a warning that matters", "python warning", "after"]
 
 
-@pytest.mark.slow
-def test_a_run_prints_short_epochs_no_chatter_and_a_ui_command_that_opens_the_run(image_dir, tmp_path):
-    uri = new_store(tmp_path)
-    result = run_ablate(*FAST, f"data.dir={image_dir}", f"tracking.uri={uri}", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def command_line_run(image_dir, tmp_path_factory) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """One ``ablate`` run as a user types it (the tests' fast settings): its folder, store and output."""
+    folder = tmp_path_factory.mktemp("command-line-run")
+    uri = new_store(folder)
+    result = run_ablate(*FAST, f"data.dir={image_dir}", f"tracking.uri={uri}", cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
+    return folder, uri, result
+
+
+@pytest.mark.slow
+def test_a_run_from_the_command_line_records_its_overrides_and_hydra_files(command_line_run):
+    _, uri, _ = command_line_run
+    (run,) = runs(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["hydra.overrides"].startswith("data.image_size=32")
+    hydra_files = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id, ".hydra")}
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml"} <= hydra_files
+
+
+@pytest.mark.slow
+def test_a_run_prints_short_epochs_no_chatter_and_a_ui_command_that_opens_the_run(command_line_run):
+    tmp_path, uri, result = command_line_run
     output = result.stdout + result.stderr
     for chatter in ("cudart_stub", "cuInit", "absl::InitializeLog"):
         assert chatter not in output
@@ -126,15 +145,13 @@ def test_a_run_prints_short_epochs_no_chatter_and_a_ui_command_that_opens_the_ru
     url = tail[2].split("then open", 1)[1].strip()
     assert url == f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
-    # The printed command really serves this run (on a free port instead of 5000).
+    # The printed command really serves this run (on a free port instead of 5000, with one web worker
+    # instead of four: the same app, half the CPU-seconds to start, docs/speed.md round eleven).
     port = free_port()
     args = [
         str(Path(sys.executable).with_name("mlflow")),
         *command.split()[1:],
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
     ]
     with serving(args, tmp_path / "mlflow-ui.log", f"http://127.0.0.1:{port}/health", "mlflow ui"):
         body = http_get(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}")
