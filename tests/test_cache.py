@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 
 import mlflow
 import pytest
+from mlflow.entities import Run
 
 from finetune_ablation.cli import run_job
 
@@ -21,7 +23,7 @@ def _run(image_dir, uri, cache_dir, *overrides):
     return runs(uri)[-1]
 
 
-def _phase1_lines(run_and_print) -> tuple[object, list[str]]:
+def _phase1_lines(run_and_print: Callable[[], Run]) -> tuple[Run, list[str]]:
     """Run, and keep the lines it printed for phase 1 (what a user sees of it)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
