@@ -12,7 +12,7 @@ import pytest
 from finetune_ablation.cli import run_job
 from finetune_ablation.demo_data import write_image_folder
 
-from .helpers import FAST, make_cfg, new_store, run_ablate, runs
+from .helpers import FAST, LOG_IMPORTS, imported, make_cfg, new_store, run_ablate, runs
 
 
 def _fails(capsys, cfg, *expected: str) -> str:
@@ -51,10 +51,12 @@ def test_empty_class_folder(capsys, tracking_uri, own_image_dir):
     _fails(capsys, make_cfg(own_image_dir, tracking_uri), "llama has no images", "remove the empty folder")
 
 
-def _ablate_fails(data_dir: Path, tmp_path: Path, *expected: str) -> str:
-    """``ablate data.dir=...`` as a user runs it: exit 2, one ``error:`` line, no traceback, run FAILED."""
+def _ablate_fails(data_dir: Path, tmp_path: Path, *expected: str, names_alone: bool = True) -> str:
+    """``ablate data.dir=...`` as a user runs it: exit 2, one ``error:`` line, no traceback, run FAILED.
+    What the file names alone show is refused before TensorFlow is imported (Python's import log says)."""
     uri = new_store(tmp_path, "cli.db")
-    done = run_ablate(*FAST, f"data.dir={data_dir}", f"tracking.uri={uri}", cwd=tmp_path)
+    log = LOG_IMPORTS if names_alone else {}
+    done = run_ablate(*FAST, f"data.dir={data_dir}", f"tracking.uri={uri}", cwd=tmp_path, **log)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr
@@ -64,6 +66,8 @@ def _ablate_fails(data_dir: Path, tmp_path: Path, *expected: str) -> str:
         assert text in errors[0], errors[0]
     (run,) = runs(uri)
     assert run.info.status == "FAILED" and expected[0] in run.data.tags["error"]
+    if names_alone:
+        assert imported(done, "mlflow") and not imported(done, "tensorflow")
     return errors[0]
 
 
@@ -71,7 +75,9 @@ def _ablate_fails(data_dir: Path, tmp_path: Path, *expected: str) -> str:
 def test_corrupt_images_are_named_with_the_reason_only(tmp_path, own_image_dir):
     broken = own_image_dir / "alpaca" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    line = _ablate_fails(own_image_dir, tmp_path, "corrupt image", str(broken), "delete or replace the file")
+    line = _ablate_fails(
+        own_image_dir, tmp_path, "corrupt image", str(broken), "delete or replace the file", names_alone=False
+    )
     assert f"corrupt image {broken}: Invalid JPEG data or crop window; delete or replace the file" in line
 
 
@@ -92,7 +98,7 @@ def _two_classes(root: Path, alpaca: int, not_alpaca: int) -> Path:
 @pytest.mark.slow
 def test_a_class_without_validation_images_is_refused(tmp_path):
     """3 + 30 images, split 0.2, seed 42: Keras puts none of the 3 in validation (6 images, all of the
-    other class), so validation accuracy would measure one class. Refused before any training."""
+    other class), so validation accuracy would measure one class. Refused before TensorFlow is imported."""
     import keras
 
     data = _two_classes(tmp_path / "few", 3, 30)

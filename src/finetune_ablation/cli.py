@@ -131,7 +131,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
             mlflow.log_params(tracking.config_params(cfg))
             _log_hydra_files()
             validate(cfg)
-            _check_folder_shape(cfg)
+            _check_folder(cfg)
             train_and_log = _import_training(_threads(cfg))
             result = train_and_log(cfg, extra_callbacks=trial_callbacks(cfg))
         except KeyboardInterrupt as exc:
@@ -152,13 +152,14 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     return result
 
 
-def _check_folder_shape(cfg: DictConfig) -> None:
-    """A missing data folder, fewer than two classes, an empty class or a file of another type is refused
-    from the names alone, before the seconds of importing TensorFlow (generated images are made later)."""
+def _check_folder(cfg: DictConfig) -> None:
+    """A missing data folder, fewer than two classes, an empty class, a file of another type or a split
+    that leaves a class out is refused from the names alone, before the seconds of importing TensorFlow
+    (generated images are made later)."""
     if not cfg.data.synthetic:
-        from .run.image_files import class_folders
+        from .run.image_files import check_folder
 
-        class_folders(cfg.data.dir)
+        check_folder(cfg.data.dir, cfg.data.validation_split, cfg.data.seed)
 
 
 def _import_training(threads: int | None) -> Callable[..., float]:

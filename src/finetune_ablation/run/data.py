@@ -20,12 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from ..config import DataConfig
 from ..errors import UserError
-from .image_files import ImageFile, fingerprint, list_images
+from .image_files import ImageFile, fingerprint, list_images, split_indices
 
 
 @dataclass
@@ -137,32 +136,10 @@ def scan_folder(
 def split_files(
     files: list[ImageFile], class_names: list[str], validation_split: float, seed: int
 ) -> tuple[list[ImageFile], list[ImageFile]]:
-    """Keras's ``subset="both"`` split of the scanned files: one ``RandomState(seed)`` shuffle of the
-    whole index, the last ``int(validation_split * n)`` files validate. Equal to
-    ``image_dataset_from_directory``'s split on any folder it can read (tested against it); refuses,
-    with the real reason, a split that leaves a split or a class without images."""
-    shuffled = list(files)
-    np.random.RandomState(seed).shuffle(shuffled)
-    n_val = int(validation_split * len(files))
-    if n_val == 0:
-        needed = next(n for n in range(1, 10**6) if int(validation_split * n) >= 1)
-        raise UserError(
-            f"data.validation_split={validation_split} of {len(files)} images is "
-            f"{validation_split * len(files):.2g}, which rounds down to 0 validation images: add images "
-            f"(at least {needed} in all) or raise data.validation_split"
-        )
-    train, val = shuffled[: len(files) - n_val], shuffled[len(files) - n_val :]
-    for split, chosen in (("validation", val), ("training", train)):
-        present = {f.class_name for f in chosen}
-        for name in class_names:
-            if name not in present:
-                total = sum(1 for f in files if f.class_name == name)
-                raise UserError(
-                    f"class {name} has none of its {total} images in the {split} split "
-                    f"(data.validation_split={validation_split}, data.seed={seed}), so {split} would never "
-                    f"see it: add images to {name}, or change data.validation_split"
-                )
-    return train, val
+    """Keras's ``subset="both"`` split of the scanned files (``image_files.split_indices``). Equal to
+    ``image_dataset_from_directory``'s split on any folder it can read (tested against it)."""
+    train, val = split_indices([f.class_name for f in files], class_names, validation_split, seed)
+    return [files[i] for i in train], [files[i] for i in val]
 
 
 def _resized(image: tf.Tensor, image_size: int) -> tf.Tensor:

@@ -3,14 +3,18 @@
 The one rule for what counts (``is_ignored``, ``IMAGE_SUFFIXES``) and the order Keras's directory loader
 indexes files in. ``data.scan_folder`` lists with it and then checks that each image decodes; resume
 fingerprints a folder with it alone, before a job knows whether it trains (a job that is skipped never
-imports TensorFlow); ``ablate`` checks the folder's shape with it before it loads TensorFlow."""
+imports TensorFlow); ``ablate`` checks the folder's shape and its seeded split with it before it loads
+TensorFlow."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import UserError
 from ..fingerprints import file_sha256
@@ -74,6 +78,43 @@ def class_folders(directory: str | None) -> tuple[Path, list[str], dict[str, lis
                     "move it out of the data folder or convert it"
                 )
     return root, class_names, paths
+
+
+def split_indices(
+    labels: Sequence[str], class_names: list[str], validation_split: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Keras's ``subset="both"`` split of files labelled ``labels`` (in index order): one
+    ``RandomState(seed)`` shuffle of the whole index, the last ``int(validation_split * n)`` validate.
+    Refuses, with the real reason, a split that leaves a split or a class without images. Labels are all
+    it needs, so ``ablate`` checks the split before it opens a file."""
+    order = list(range(len(labels)))
+    np.random.RandomState(seed).shuffle(order)
+    n_val = int(validation_split * len(labels))
+    if n_val == 0:
+        needed = next(n for n in range(1, 10**6) if int(validation_split * n) >= 1)
+        raise UserError(
+            f"data.validation_split={validation_split} of {len(labels)} images is "
+            f"{validation_split * len(labels):.2g}, which rounds down to 0 validation images: add images "
+            f"(at least {needed} in all) or raise data.validation_split"
+        )
+    train, val = order[: len(labels) - n_val], order[len(labels) - n_val :]
+    for split, chosen in (("validation", val), ("training", train)):
+        present = {labels[i] for i in chosen}
+        for name in class_names:
+            if name not in present:
+                raise UserError(
+                    f"class {name} has none of its {labels.count(name)} images in the {split} split "
+                    f"(data.validation_split={validation_split}, data.seed={seed}), so {split} would never "
+                    f"see it: add images to {name}, or change data.validation_split"
+                )
+    return train, val
+
+
+def check_folder(directory: str | None, validation_split: float, seed: int) -> None:
+    """Everything the names alone show to be wrong with a data folder: its shape (``class_folders``) and
+    its seeded split (``split_indices``). ``ablate`` runs it before it imports TensorFlow."""
+    _, class_names, paths = class_folders(directory)
+    split_indices([name for name in class_names for _ in paths[name]], class_names, validation_split, seed)
 
 
 def list_images(directory: str | None) -> tuple[list[str], list[ImageFile]]:
