@@ -136,16 +136,32 @@ def test_reap_marks_only_dead_runs_killed(tracking_uri):
     assert reaper.reap(client) == {}
 
 
-def test_the_heartbeat_refreshes_while_the_run_is_open(tracking_uri, monkeypatch):
-    monkeypatch.setattr(liveness, "HEARTBEAT_INTERVAL_S", 0.2)
+# A process that holds one run's heartbeat open until the store shows it refreshed (or a deadline passes).
+_HOLD_HEARTBEAT = """
+import sys, time
+import mlflow
+from finetune_ablation import liveness
+uri, run_id, first = sys.argv[1:]
+client = mlflow.MlflowClient(uri)
+with liveness.heartbeat(uri, run_id):
+    deadline = time.monotonic() + 120
+    while client.get_run(run_id).data.tags[liveness.HEARTBEAT_TAG] == first and time.monotonic() < deadline:
+        time.sleep(0.1)
+"""
+
+
+def test_the_heartbeat_refreshes_while_the_run_is_open(tracking_uri):
+    """In a process of its own, with the interval a user sets (``ABLATE_HEARTBEAT_INTERVAL_S``): this
+    process's heartbeat thread may already be asleep for the default 30 s, started by an earlier test."""
     client = tracking.connect(tracking_uri)
     exp = tracking.ensure_experiment(client, tracking_uri, "e")
     first = liveness.format_time(liveness.now_utc() - timedelta(seconds=10))
     run_id = client.create_run(exp, tags={**liveness.process_tags(), liveness.HEARTBEAT_TAG: first}).info.run_id
-    with liveness.heartbeat(tracking_uri, run_id):
-        deadline = time.monotonic() + 120
-        while client.get_run(run_id).data.tags[liveness.HEARTBEAT_TAG] == first and time.monotonic() < deadline:
-            time.sleep(0.1)
+    env = {**os.environ, "ABLATE_HEARTBEAT_INTERVAL_S": "0.2"}
+    held = subprocess.run(
+        [sys.executable, "-c", _HOLD_HEARTBEAT, tracking_uri, run_id, first], env=env, capture_output=True, text=True
+    )
+    assert held.returncode == 0, held.stderr[-3000:]
     assert reaper._parse_time(client.get_run(run_id).data.tags[liveness.HEARTBEAT_TAG]) > reaper._parse_time(first)
 
 

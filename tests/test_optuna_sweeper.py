@@ -23,7 +23,6 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from finetune_ablation import tracking
 from finetune_ablation.paths import CONF_DIR
 from hydra_plugins.finetune_ablation_optuna_sweeper import _results, _study
 from hydra_plugins.finetune_ablation_optuna_sweeper._search_space import grid_values, parse_search_space
@@ -202,13 +201,16 @@ def test_results_of_a_study(tmp_path):
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=2", "diagnostics=off"]
 
 
-def _args(tmp_path: Path, image_dir: Path, sweep: str, *extra: str) -> list[str]:
+def _args(tmp_path: Path, image_dir: Path, sweep: str, *extra: str, new_stores: bool = False) -> list[str]:
+    """A lr_search sweep of ``ablate -m`` on the stores in ``tmp_path``; ``new_stores``: neither the MLflow
+    store nor the Optuna database exists yet when it starts (the sweep creates them)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if new_stores else new_store(tmp_path)
     return [
         "-m",
         "experiment=lr_search",
         *QUICK,
         f"data.dir={image_dir}",
-        f"tracking.uri={new_store(tmp_path)}",
+        f"tracking.uri={uri}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
         f"hydra.sweep.dir={tmp_path / sweep}",
         # as in a user's search (the cache is on by default): the trials differ only in phase 2, so one
@@ -365,12 +367,10 @@ class Barrier(Callback):
 
 @pytest.mark.slow
 def test_two_concurrent_sweepers_stop_at_the_total(tmp_path, image_dir):
-    """Two workers on one study, n_trials=4, forced to overlap (each job waits until a trial of the other
-    worker runs beside it): 4 complete + pruned trials, none numbered twice, none run past the total."""
-    uri = new_store(tmp_path)
-    # created up front: parallel creation races (docs/stack-facts.md)
-    tracking.ensure_experiment(tracking.connect(uri), uri, "lr_search")
-    open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")  # the Optuna tables too: both workers then race only in asks
+    """Two workers on one study, n_trials=4, started together on an MLflow store and an Optuna database
+    that do not exist yet (both create them: the store lock and the storage retry, docs/stack-facts.md O3),
+    forced to overlap (each job waits until a trial of the other worker runs beside it): 4 complete +
+    pruned trials, none numbered twice, none run past the total, every trial's run under a parent."""
     (tmp_path / "barrier_cb").mkdir()
     (tmp_path / "barrier_cb" / "overlap_barrier.py").write_text(_BARRIER)
     (tmp_path / "seen").mkdir()
@@ -382,11 +382,12 @@ def test_two_concurrent_sweepers_stop_at_the_total(tmp_path, image_dir):
         "BARRIER_TOTAL": "4",
     }
     exe = Path(sys.executable).with_name("ablate")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()
     procs = [
         subprocess.Popen(
             [
                 str(exe),
-                *_args(tmp_path, image_dir, f"worker{i}", "hydra.sweeper.n_trials=4"),
+                *_args(tmp_path, image_dir, f"worker{i}", "hydra.sweeper.n_trials=4", new_stores=True),
                 "+hydra.callbacks.barrier._target_=overlap_barrier.Barrier",
             ],
             cwd=tmp_path,
@@ -400,6 +401,7 @@ def test_two_concurrent_sweepers_stop_at_the_total(tmp_path, image_dir):
     outputs = [proc.communicate(timeout=1500)[0] for proc in procs]
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-4000:]
+        assert "Traceback" not in output, output[-4000:]
     study = _study_of(tmp_path)
     done = study.get_trials(states=_study.DONE)
     assert len(done) == 4
@@ -409,6 +411,10 @@ def test_two_concurrent_sweepers_stop_at_the_total(tmp_path, image_dir):
     assert all(t.user_attrs.get("surplus") for t in others)  # asked in the same instant, never run
     assert len(_children(tmp_path)) == 4
     assert {r.data.tags["optuna.trial_number"] for r in _children(tmp_path)} == {str(t.number) for t in done}
+    found = runs(new_store(tmp_path), "lr_search")
+    parents = {r.info.run_id for r in found if r.data.tags.get("sweep.role") == "parent"}
+    assert len(parents) == 2  # one per worker, and no trial lost its parent:
+    assert {r.data.tags.get("mlflow.parentRunId") for r in _children(tmp_path)} <= parents
     # the overlap really happened: each worker ran a trial while one of the other worker's was RUNNING
     seen = {int(p.stem): json.loads(p.read_text()) for p in (tmp_path / "seen").iterdir()}
     assert set(seen) == {t.number for t in done}
