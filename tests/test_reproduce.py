@@ -29,9 +29,22 @@ from finetune_ablation.reproduce.rebuild import (
     validate_against_schema,
 )
 
-from .helpers import FAST, artifact_path, history, new_store, run_ablate, runs
+from .helpers import FAST, LOG_IMPORTS, artifact_path, history, imported, new_store, run_ablate, runs
 
 EXPERIMENT = "repro"
+
+
+def _original_args(image_dir: Path, uri: str) -> list[str]:
+    """The original run's settings (the tests' fast ones, one epoch per phase)."""
+    return [
+        *FAST,
+        f"data.dir={image_dir}",
+        f"tracking.uri={uri}",
+        f"tracking.experiment={EXPERIMENT}",
+        "train.initial_epochs=1",
+        "train.fine_tune_epochs=1",
+        "model.fine_tune_at=150",  # still unfreezes the last conv and its BatchNorm; faster to trace
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +52,7 @@ def original(tmp_path_factory, image_dir):
     """One run logged by the ``ablate`` CLI: (tracking URI, run)."""
     tmp = tmp_path_factory.mktemp("repro")
     uri = new_store(tmp)
-    done = run_ablate(
-        *FAST,
-        f"data.dir={image_dir}",
-        f"tracking.uri={uri}",
-        f"tracking.experiment={EXPERIMENT}",
-        "tracking.run_name=original",
-        "train.initial_epochs=1",
-        "train.fine_tune_epochs=1",
-        "model.fine_tune_at=150",  # still unfreezes the last conv and its BatchNorm; faster to trace
-        cwd=tmp,
-    )
+    done = run_ablate(*_original_args(image_dir, uri), "tracking.run_name=original", cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = runs(uri, EXPERIMENT)
     return uri, run
@@ -146,6 +149,23 @@ def test_every_per_epoch_metric_is_identical(original, reproduced):
     assert new.data.tags["model.weights_sha256"] == run.data.tags["model.weights_sha256"]
     table = artifact_path(uri, new.info.run_id, "reproduce_comparison.csv").read_text()
     assert table.startswith("metric,values,max_abs_diff,problem")
+
+
+@pytest.mark.slow
+def test_a_resumed_sweep_never_reuses_a_reproduction(original, reproduced, image_dir, tmp_path):
+    """The reproduction is the newest FINISHED run of this config; a sweep of the same config must skip
+    with a run that is not a reproduction, and train nothing (TensorFlow is not even imported)."""
+    uri, run = original
+    (reproduction,) = reproduced[1]
+    assert reproduction.info.start_time > run.info.start_time
+    done = run_ablate("-m", *_original_args(image_dir, uri), f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                      cwd=tmp_path, **LOG_IMPORTS)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (skip,) = [line for line in (done.stdout + done.stderr).splitlines() if "skipped: identical run " in line]
+    reused = skip.split("skipped: identical run ", 1)[1].split()[0]
+    assert reused != reproduction.info.run_id
+    assert "reproduced_from" not in mlflow.MlflowClient(uri).get_run(reused).data.tags
+    assert not imported(done, "tensorflow")
 
 
 # --- refusals: nothing named by a logged run runs here ------------------------------------------------
