@@ -72,6 +72,9 @@ def run_ablate(*args: str, cwd: Path, timeout: int = 600, **env_vars: str) -> su
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# How resume's log line for a skipped job begins (run/resume.py), in the output of ``ablate -m``
+SKIPPED = "skipped: identical run "
+
 # Python's own import log (``python -X importtime``), written to stderr: what a process really imported
 LOG_IMPORTS = {"PYTHONPROFILEIMPORTTIME": "1"}
 

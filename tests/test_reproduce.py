@@ -29,7 +29,7 @@ from finetune_ablation.reproduce.rebuild import (
     validate_against_schema,
 )
 
-from .helpers import FAST, LOG_IMPORTS, artifact_path, history, imported, new_store, run_ablate, runs
+from .helpers import FAST, LOG_IMPORTS, SKIPPED, artifact_path, history, imported, new_store, run_ablate, runs
 
 EXPERIMENT = "repro"
 
@@ -161,8 +161,8 @@ def test_a_resumed_sweep_never_reuses_a_reproduction(original, reproduced, image
     done = run_ablate("-m", *_original_args(image_dir, uri), f"hydra.sweep.dir={tmp_path / 'sweep'}",
                       cwd=tmp_path, **LOG_IMPORTS)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    (skip,) = [line for line in (done.stdout + done.stderr).splitlines() if "skipped: identical run " in line]
-    reused = skip.split("skipped: identical run ", 1)[1].split()[0]
+    (skip,) = [line for line in (done.stdout + done.stderr).splitlines() if SKIPPED in line]
+    reused = skip.split(SKIPPED, 1)[1].split()[0]
     assert reused != reproduction.info.run_id
     assert "reproduced_from" not in mlflow.MlflowClient(uri).get_run(reused).data.tags
     assert not imported(done, "tensorflow")

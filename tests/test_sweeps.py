@@ -16,12 +16,11 @@ from finetune_ablation.run import resume
 from finetune_ablation.run.parent_run import find_parent_run, tag_filter
 from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import encode_value
 
-from .helpers import FAST, LOG_IMPORTS, imported, make_cfg, new_store, run_ablate, runs
+from .helpers import FAST, LOG_IMPORTS, SKIPPED, imported, make_cfg, new_store, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1"]
 # where a test checks resuming or failures, not what a job measured: no gap measurement to trace
 UNMEASURED = "diagnostics=off"
-SKIPPED = "skipped: identical run "
 
 
 def _sweep(tmp_path: Path, image_dir: Path, *grid: str, name: str = "sweep", **env_vars: str):
