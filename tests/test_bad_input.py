@@ -4,7 +4,11 @@ user meets them: exactly one ``error:`` line on stderr, no traceback, no TensorF
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,12 +55,15 @@ def test_empty_class_folder(capsys, tracking_uri, own_image_dir):
     _fails(capsys, make_cfg(own_image_dir, tracking_uri), "llama has no images", "remove the empty folder")
 
 
-def _ablate_fails(data_dir: Path, tmp_path: Path, *expected: str, names_alone: bool = True) -> str:
+def _ablate_fails(
+    data_dir: Path, tmp_path: Path, *expected: str, names_alone: bool = True, env: dict[str, str] | None = None
+) -> str:
     """``ablate data.dir=...`` as a user runs it: exit 2, one ``error:`` line, no traceback, run FAILED.
-    What the file names alone show is refused before TensorFlow is imported (Python's import log says)."""
+    What the file names alone show is refused before TensorFlow is imported (Python's import log says).
+    ``env`` is added to the process's environment."""
     uri = new_store(tmp_path, "cli.db")
     log = LOG_IMPORTS if names_alone else {}
-    done = run_ablate(*FAST, f"data.dir={data_dir}", f"tracking.uri={uri}", cwd=tmp_path, **log)
+    done = run_ablate(*FAST, f"data.dir={data_dir}", f"tracking.uri={uri}", cwd=tmp_path, **log, **(env or {}))
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr
@@ -117,6 +124,49 @@ def test_too_few_images_for_a_validation_split_gives_the_real_reason(tmp_path):
     line = _ablate_fails(data, tmp_path, "data.validation_split=0.2 of 4 images")
     assert "rounds down to 0 validation images" in line and "at least 5" in line
     assert "No training images" not in line
+
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"  # the TensorFlow pin, read independently
+
+# What TensorFlow raises when its native runtime does not load (tensorflow/python/pywrap_tensorflow.py):
+# an ImportError of a dozen lines around the real cause, a shared library that is missing or unreadable
+_BROKEN_TENSORFLOW = """
+try:
+    raise ImportError("libtensorflow_framework.so.2: cannot open shared object file: No such file or directory")
+except ImportError as exc:
+    raise ImportError("Traceback ...\\n\\nFailed to load the native TensorFlow runtime.") from exc
+"""
+
+
+@pytest.mark.slow
+def test_a_tensorflow_that_cannot_be_imported_is_one_line_naming_the_cause_and_the_reinstall(tmp_path, image_dir):
+    """A broken TensorFlow install (a package named tensorflow ahead of the real one on the path, failing as
+    TensorFlow does when its native runtime is missing): one line with the root cause and the command that
+    reinstalls the pinned version, the run FAILED. ``ablate-pretrain`` says the same."""
+    broken = tmp_path / "broken" / "tensorflow"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(_BROKEN_TENSORFLOW)
+    path = os.pathsep.join(p for p in (str(broken.parent), os.environ.get("PYTHONPATH")) if p)
+    (pin,) = re.findall(r'^\s*"(tensorflow[=<>~!][^"]*)",', PYPROJECT.read_text(), re.MULTILINE)
+    line = _ablate_fails(
+        image_dir,
+        tmp_path,
+        "TensorFlow cannot be imported (ImportError: libtensorflow_framework.so.2: cannot open shared object file",
+        f" -m pip install --force-reinstall '{pin}'",
+        names_alone=False,
+        env={"PYTHONPATH": path},
+    )
+    assert "Failed to load" not in line  # the wrapper's text is not the cause
+    python = Path(line.split(": reinstall it in this environment: ")[1].split(" -m pip")[0])
+    assert python.parent == Path(sys.executable).parent  # this environment's interpreter, not any on PATH
+    pretrain = Path(sys.executable).with_name("ablate-pretrain")
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run(
+        [str(pretrain), "--quick", "--out", str(tmp_path / "base")], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert line.startswith(done.stderr.strip().splitlines()[-1])  # the same line, less the run it marked FAILED
+    assert not (tmp_path / "base").exists()
 
 
 def test_non_image_file(capsys, tracking_uri, own_image_dir):

@@ -11,9 +11,11 @@ import re
 import shlex
 import sys
 import tempfile
+from importlib import metadata
 from urllib.parse import urlsplit, urlunsplit
 
 from . import record as rec
+from .errors import UserError
 
 # Lines TensorFlow/XLA print on a CPU-only machine before (or regardless of) any log level: noise, not news.
 _CHATTER = re.compile(
@@ -54,14 +56,30 @@ def quiet_startup() -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO and WARNING off, errors on
     with _filtered_stderr():
-        import tensorflow as tf
+        try:
+            import tensorflow as tf
 
-        tf.config.list_physical_devices()  # the CUDA probe (cuInit) happens here, inside the filter
+            tf.config.list_physical_devices()  # the CUDA probe (cuInit) happens here, inside the filter
+        except Exception as exc:  # a missing or broken install: any error, from Python or the native runtime
+            raise UserError(_tensorflow_unusable(exc)) from exc
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # absl's Python INFO/WARNING lines from TF internals
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     _started = True
+
+
+def _tensorflow_unusable(exc: BaseException) -> str:
+    """The line for a TensorFlow that cannot be imported: its root cause (TensorFlow wraps a native
+    runtime's failure in an ImportError of a dozen lines) and the reinstall that fixes it."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
+    cause = f"{type(root).__name__}: {first}" if first else type(root).__name__
+    pin = next((r for r in metadata.requires("finetune-ablation") or [] if r.startswith("tensorflow")), "tensorflow")
+    reinstall = f"{shlex.quote(sys.executable)} -m pip install --force-reinstall {shlex.quote(pin)}"
+    return f"TensorFlow cannot be imported ({cause}): reinstall it in this environment: {reinstall}"
 
 
 def points(value: float, signed: bool = True) -> str:

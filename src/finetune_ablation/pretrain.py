@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL.epochs}")
     args = parser.parse_args(argv)
     from . import console
+    from .errors import run_cli
 
-    console.quiet_startup()
+    run_cli(console.quiet_startup)  # a broken TensorFlow is one error line, as in every console script
     settings = QUICK if args.quick else FULL
     if args.seed is not None:
         settings = replace(settings, seed=args.seed)

@@ -1,12 +1,8 @@
 """Reading a tracking store back (``ablate-report``, ``ablate-reproduce``): the same URI rule as
 ``ablate``, a store that must already exist (a typo must not create an empty database), runs named
-by id, and the one-line ``error: ...`` exit every console script of the suite uses."""
+by id."""
 
 from __future__ import annotations
-
-import sys
-from collections.abc import Callable
-from typing import TypeVar
 
 import mlflow
 from mlflow.entities import Run
@@ -15,8 +11,6 @@ from mlflow.exceptions import MlflowException
 from . import tracking
 from .config import TrackingConfig
 from .errors import UserError
-
-T = TypeVar("T")
 
 
 def default_uri() -> str:
@@ -43,12 +37,3 @@ def get_run(client: mlflow.MlflowClient, run_id: str, uri: str) -> Run:
             f"no MLflow run {run_id!r} in the store {uri}: copy the id from the MLflow UI, or pass "
             "--tracking-uri for another store"
         ) from None
-
-
-def run_cli(body: Callable[[], T]) -> T:
-    """Run a console script's body: a UserError becomes one ``error: ...`` line and exit code 2."""
-    try:
-        return body()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -20,7 +20,7 @@ import mlflow
 import pandas as pd
 
 from .. import record as rec
-from ..errors import UserError
+from ..errors import UserError, run_cli
 from ..paths import CONF_DIR
 from ..reaper import reap_once
 from ..record import (
@@ -34,7 +34,7 @@ from ..record import (
     VAL_ACCURACY,
 )
 from ..record import STUDY_METRICS as METRICS
-from ..runstore import default_uri, get_run, open_store, run_cli
+from ..runstore import default_uri, get_run, open_store
 from . import design as rd
 from . import plots, text
 from . import stats as rs

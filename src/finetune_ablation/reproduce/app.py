@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import console, tracking
 from .. import record as rec
-from ..errors import UserError
-from ..runstore import default_uri, get_run, open_store, run_cli
+from ..errors import UserError, run_cli
+from ..runstore import default_uri, get_run, open_store
 from .rebuild import rebuild
 
 # written by the reproduction / wall-clock system metrics
