@@ -41,19 +41,23 @@ def test_four_processes_open_a_new_store_at_once(tmp_path):
 
 @pytest.mark.slow
 def test_two_runs_start_together_on_a_new_store(tmp_path, image_dir):
-    """Two ``ablate`` runs whose store does not exist yet: both finish, both recorded. (Two Optuna sweepers
-    started together on a new store and a new study database: test_optuna_sweeper.py's
-    ``test_two_concurrent_sweepers_stop_at_the_total``.)"""
+    """Two ``ablate`` runs whose store does not exist yet: both create the experiment, open a run, log and
+    end it, with no traceback. Each stops on a value out of range, right after its run is open: what a
+    new store races on is creating the schema, the experiment and the first runs, not training (two
+    Optuna sweepers that train, started together on a new store and a new study database:
+    test_optuna_sweeper.py's ``test_two_concurrent_sweepers_stop_at_the_total``)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exe = str(Path(sys.executable).with_name("ablate"))
     common = [*QUICK, f"data.dir={image_dir}", f"tracking.uri={uri}", "tracking.experiment=fresh"]
     assert not (tmp_path / "mlflow.db").exists()
 
-    results = _start_all([[exe, *common, f"seed={seed}"] for seed in (1, 2)], tmp_path)
+    results = _start_all([[exe, *common, f"seed={seed}", "model.dropout=1.5"] for seed in (1, 2)], tmp_path)
 
     for result in results:
-        assert result.returncode == 0, result.stdout[-4000:]
+        assert result.returncode == 2, result.stdout[-4000:]
         assert "Traceback" not in result.stdout, result.stdout[-4000:]
+        assert result.stdout.strip().splitlines()[-1].startswith("error: model.dropout=1.5 is out of range")
     found = runs(uri, "fresh")
-    assert [r.info.status for r in found] == ["FINISHED", "FINISHED"]
+    assert [r.info.status for r in found] == ["FAILED", "FAILED"]
     assert {r.data.params["seed"] for r in found} == {"1", "2"}
+    assert all("out of range" in r.data.tags["error"] for r in found)
