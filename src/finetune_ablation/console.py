@@ -77,7 +77,11 @@ def _tensorflow_unusable(exc: BaseException) -> str:
         root = root.__cause__
     first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
     cause = f"{type(root).__name__}: {first}" if first else type(root).__name__
-    pin = next((r for r in metadata.requires("finetune-ablation") or [] if r.startswith("tensorflow")), "tensorflow")
+    try:
+        requirements = metadata.requires("finetune-ablation") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        requirements = []
+    pin = next((r for r in requirements if r.startswith("tensorflow")), "tensorflow")
     reinstall = f"{shlex.quote(sys.executable)} -m pip install --force-reinstall {shlex.quote(pin)}"
     return f"TensorFlow cannot be imported ({cause}): reinstall it in this environment: {reinstall}"
 
