@@ -162,7 +162,11 @@ def test_a_tensorflow_that_cannot_be_imported_is_one_line_naming_the_cause_and_t
     pretrain = Path(sys.executable).with_name("ablate-pretrain")
     env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run(
-        [str(pretrain), "--quick", "--out", str(tmp_path / "base")], capture_output=True, text=True, env=env
+        [str(pretrain), "--quick", "--out", str(tmp_path / "base")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert line.startswith(done.stderr.strip().splitlines()[-1])  # the same line, less the run it marked FAILED
