@@ -1,4 +1,7 @@
-"""The phase-1 cache: a hit trains no phase 1, yet every logged metric is bit-identical to an uncached run."""
+"""The phase-1 cache: a hit trains no phase 1, yet every logged metric is bit-identical to an uncached run.
+
+Two jobs that need one entry at once (the entry's file lock: one computes it, the other waits and loads
+it) are tests/test_optuna_sweeper.py's search: two joblib workers, four trials, one miss and three hits."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from mlflow.entities import Run
 
 from finetune_ablation.cli import run_job
 
-from .helpers import FAST, history, make_cfg, new_store, run_ablate, runs
+from .helpers import history, make_cfg, new_store, runs
 
 KERAS_AND_GAP = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "gap/total", "gap/batchnorm")
 
@@ -73,31 +76,6 @@ def test_phase2_settings_share_the_entry_and_phase1_settings_do_not(image_dir, c
     other = _run(image_dir, uri, cache, "model.dropout=0.5")
     assert other.data.tags["phase1_cache"] == "miss"
     assert other.data.tags["phase1_cache_key"] != first.data.tags["phase1_cache_key"]
-
-
-@pytest.mark.slow
-def test_parallel_jobs_compute_an_entry_once(image_dir, tmp_path):
-    """Two joblib workers, two depths, one phase 1: the lock makes one job wait and then hit."""
-    uri = new_store(tmp_path)
-    result = run_ablate(
-        "-m",
-        *FAST,
-        "train.initial_epochs=1",
-        "train.fine_tune_epochs=1",
-        f"data.dir={image_dir}",
-        f"tracking.uri={uri}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        "cache.phase1=true",
-        f"cache.dir={tmp_path / 'cache'}",
-        "model.fine_tune_at=100,140",
-        "diagnostics=off",  # the lock is what is tested, not what the jobs measure
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    children = [r for r in runs(uri) if "mlflow.parentRunId" in r.data.tags]
-    assert sorted(r.data.tags["phase1_cache"] for r in children) == ["hit", "miss"]
 
 
 # Relative float32 precision of a loss after a forward pass through the base and a few epochs of

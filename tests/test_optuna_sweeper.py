@@ -295,7 +295,8 @@ def test_a_search_leaves_its_trials_and_child_runs(searched):
     for trial in searched.first:  # val_accuracy of each fine-tune epoch (1, 2), from the job processes
         assert sorted(trial.intermediate_values) == [1, 2]
         assert trial.value == trial.intermediate_values[2]
-    # two joblib workers, one phase-1 entry: whichever took its lock first trained it, every other trial loaded it
+    # the phase-1 cache's lock, end to end: two joblib workers start two trials on one entry at once; whichever
+    # took the lock first trained phase 1, the other waited and loaded it, as did the next two trials
     assert sorted(r.data.tags["phase1_cache"] for r in searched.first_children) == ["hit"] * 3 + ["miss"]
 
 
