@@ -4,12 +4,15 @@ the joblib launcher, and every named study composing."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 import yaml
+from mlflow.entities import Run
 
 from finetune_ablation.paths import EXPERIMENTS_DIR
 from finetune_ablation.run import resume
@@ -111,15 +114,44 @@ def test_multirun_groups_jobs_and_resumes_without_retraining(tmp_path, image_dir
     assert (forced_child.data.params["model.dropout"], forced_child.data.params["augment.flip"]) == ("0.0", "None")
 
 
+# One job trains and FINISHES, one fails on its range; the sweep dir holds both quote characters
+FAILING_GRID = ("model.dropout=0,1.5", "augment=none", UNMEASURED)
+FAILING_SWEEP = 'it\'s "q"'
+
+
+@dataclass
+class _FailingSweep:
+    """A sweep of ``FAILING_GRID`` on its own images and store, shared by the tests that resume it."""
+
+    folder: Path
+    images: Path
+    uri: str
+    result: subprocess.CompletedProcess
+    parent: Run
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory, image_dir) -> _FailingSweep:
+    folder = tmp_path_factory.mktemp("failing-sweep")
+    images = folder / "images"
+    shutil.copytree(image_dir, images)
+    uri, result = _sweep(folder, images, *FAILING_GRID, name=FAILING_SWEEP)
+    (parent,) = _parents(uri)
+    return _FailingSweep(folder, images, uri, result, parent)
+
+
+def _parent_of(uri: str, sweep_dir: Path):
+    (parent,) = (p for p in _parents(uri) if p.data.tags["sweep.dir"] == str(sweep_dir))
+    return parent
+
+
 @pytest.mark.slow
-def test_a_failing_job_does_not_kill_the_sweep(tmp_path, image_dir):
-    # the sweep dir holds both quote characters: the jobs must still find their parent run
-    uri, result = _sweep(tmp_path, image_dir, "model.dropout=0,1.5", "augment=none", UNMEASURED, name='it\'s "q"')
+def test_a_failing_job_does_not_kill_the_sweep(failing_sweep):
+    uri, result, parent = failing_sweep.uri, failing_sweep.result, failing_sweep.parent
     assert result.returncode == 1
     assert "error: model.dropout=1.5 is out of range" in _out(result)
     assert "error: 1 of 2 jobs failed" in result.stderr.splitlines()[-1]
-    (parent,) = _parents(uri)
-    assert parent.data.tags["sweep.dir"] == str(tmp_path / 'it\'s "q"')
+    assert parent.data.tags["sweep.dir"] == str(failing_sweep.folder / FAILING_SWEEP)  # found despite the quotes
     assert parent.data.tags["sweep.failed"] == "1"
     statuses = {c.data.params["model.dropout"]: c.info.status for c in _children(uri, parent.info.run_id)}
     assert statuses == {"0.0": "FINISHED", "1.5": "FAILED"}
@@ -130,9 +162,9 @@ def test_a_failing_job_does_not_kill_the_sweep(tmp_path, image_dir):
     # is retried (and fails again), the new value has no run yet (it fails on its range, before TensorFlow),
     # the good job is reused
     grown = ("model.dropout=0,1.5,2.5", "augment=none", UNMEASURED)
-    _, again = _sweep(tmp_path, image_dir, *grown, name="sweep2", **LOG_IMPORTS)
+    _, again = _sweep(failing_sweep.folder, failing_sweep.images, *grown, name="grown", **LOG_IMPORTS)
     assert _out(again).count(SKIPPED) == 1
-    second = next(p for p in _parents(uri) if p.info.run_id != parent.info.run_id)
+    second = _parent_of(uri, failing_sweep.folder / "grown")
     statuses = {c.data.params["model.dropout"]: c.info.status for c in _children(uri, second.info.run_id)}
     assert statuses == {"1.5": "FAILED", "2.5": "FAILED"}
     assert not imported(again, "tensorflow")
@@ -185,38 +217,44 @@ def test_tag_filter_finds_exactly_the_tagged_run_in_a_real_store(tmp_path):
         assert recheck or found == {ids[value]}  # an exact clause returns only the run itself
 
 
-def _trained(uri: str) -> list:
-    return [r for r in runs(uri) if "config_hash" in r.data.tags]
+def _trained(uri: str) -> set[str]:
+    """The runs that trained (a sweep's parent does not)."""
+    return {r.info.run_id for r in runs(uri) if "config_hash" in r.data.tags}
 
 
 @pytest.mark.slow
-def test_resume_reuses_only_an_identical_run(tmp_path, own_image_dir):
+def test_resume_reuses_only_an_identical_run(failing_sweep):
     """Skipped when config (display settings aside), images, code and packages are the same; new images
     under the same data.dir are not reused. (A reproduction never stands in: test_reproduce.py, whose
     store holds a real one.)"""
-    one = ["model.dropout=0", "augment=none", UNMEASURED]
-    uri, first = _sweep(tmp_path, own_image_dir, *one, name="s1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    (original,) = _trained(uri)
+    uri, images = failing_sweep.uri, failing_sweep.images
+    done = [c for c in _children(uri, failing_sweep.parent.info.run_id) if c.info.status == "FINISHED"]
+    (original,) = done  # model.dropout=0 of FAILING_GRID
+    one = ["model.dropout=0", *FAILING_GRID[1:]]
+    trained = _trained(uri)
 
-    _, verbose = _sweep(tmp_path, own_image_dir, *one, "train.verbose=1", name="s2")
+    _, verbose = _sweep(failing_sweep.folder, images, *one, "train.verbose=1", name="verbose")
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert f"{SKIPPED}{original.info.run_id} FINISHED" in _out(verbose)
-    assert len(_trained(uri)) == 1
+    assert _trained(uri) == trained
 
     # other images under the same path (another user's folder on a shared server looks the same): the
     # decision on the real run, in this process (a job that is not reused trains, as every other job does)
-    cfg = make_cfg(own_image_dir, uri, *QUICK[len(FAST) :], *one)
+    cfg = make_cfg(images, uri, *QUICK[len(FAST) :], *one)
     client = mlflow.MlflowClient(uri)
     reused = resume.decide(client, original.info.experiment_id, cfg, resume.identity_tags(cfg)).reuse
     assert reused.info.run_id == original.info.run_id  # this process composes the sweep's config
-    image = sorted((own_image_dir / "alpaca").iterdir())[0]
-    shutil.copyfile(sorted((own_image_dir / "not_alpaca").iterdir())[0], image)
-    decision = resume.decide(client, original.info.experiment_id, cfg, resume.identity_tags(cfg))
-    assert decision.reuse is None
-    expected = f"re-running: a FINISHED run of this config exists ({original.info.run_id}) but the images"
-    assert decision.reason.startswith(expected), decision.reason
-    assert resume.data_fingerprint(cfg) != original.data.tags["data.fingerprint"]
+    image = sorted((images / "alpaca").iterdir())[0]
+    kept = image.read_bytes()
+    try:
+        shutil.copyfile(sorted((images / "not_alpaca").iterdir())[0], image)
+        decision = resume.decide(client, original.info.experiment_id, cfg, resume.identity_tags(cfg))
+        assert decision.reuse is None
+        expected = f"re-running: a FINISHED run of this config exists ({original.info.run_id}) but the images"
+        assert decision.reason.startswith(expected), decision.reason
+        assert resume.data_fingerprint(cfg) != original.data.tags["data.fingerprint"]
+    finally:
+        image.write_bytes(kept)  # the shared sweep's images, as its other test resumes them
 
 
 @pytest.mark.slow
