@@ -84,9 +84,14 @@ def imported(result: subprocess.CompletedProcess, module: str) -> bool:
     return any(line.split("|")[-1].strip() == module for line in result.stderr.splitlines() if "|" in line)
 
 
-def artifact_path(tracking_uri: str, run_id: str, name: str) -> Path:
-    """Download one artifact of a run and return its local path."""
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=tracking_uri))
+def artifact_text(tracking_uri: str, run_id: str, name: str) -> str:
+    """The text of one artifact of a run (downloaded into a folder removed at once: MLflow's own default
+    folder would stay behind in the system's temp directory)."""
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=name, tracking_uri=tracking_uri, dst_path=folder
+        )
+        return Path(local).read_text()
 
 
 _template: Path | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -12,7 +14,7 @@ from PIL import Image
 from finetune_ablation.cli import run_job
 from finetune_ablation.run.diagnostics import wilson_interval
 
-from .helpers import artifact_path, history, make_cfg, new_store, runs
+from .helpers import artifact_text, history, make_cfg, new_store, runs
 from .test_measurement import independent_passes, read_split
 
 LOG_MODEL = "tracking.log_model=true"  # FAST turns it off; the default run here is the one loaded back
@@ -108,8 +110,7 @@ def test_artifacts_are_logged(store):
         "trainable_weights_phase1.txt",
         "trainable_weights_phase2.txt",
     } <= names
-    path = artifact_path(uri, ids["default"], "history.csv")
-    frame = pd.read_csv(path)
+    frame = pd.read_csv(io.StringIO(artifact_text(uri, ids["default"], "history.csv")))
     assert frame["epoch"].tolist() == EPOCHS
     assert frame["phase"].tolist() == [1, 1, 2, 2]
     assert frame["val_accuracy"].iloc[-1] == _run(store, "default").data.metrics["val_accuracy"]
@@ -139,7 +140,7 @@ def test_measuring_the_gap_does_not_change_training(store):
 
 
 @pytest.mark.slow
-def test_logged_model_reproduces_the_last_epoch(store, image_dir):
+def test_logged_model_reproduces_the_last_epoch(store, image_dir, tmp_path):
     """The model logged with MLflow's Keras flavor, loaded back from runs:/<id>/model and run on both
     splits as Keras's own loader splits the folder, gives the last epoch's val and train_clean numbers,
     and so the ends of the decomposition: gap/split and gap/total (against Keras's training accuracy)."""
@@ -149,7 +150,7 @@ def test_logged_model_reproduces_the_last_epoch(store, image_dir):
     run = _run(store, "default")
     assert run.data.tags["model.uri"] == f"runs:/{ids['default']}/model"
     mlflow.set_tracking_uri(uri)
-    model = mlflow.keras.load_model(run.data.tags["model.uri"])
+    model = mlflow.keras.load_model(run.data.tags["model.uri"], dst_path=str(tmp_path))
     assert isinstance(model.get_layer("preprocess"), Preprocess)  # the custom layer survived save/load
     assert model.get_layer("preprocess").module == "mobilenet_v2"
     clean, val = independent_passes(model, *read_split(image_dir, 32))
@@ -172,7 +173,7 @@ def test_chance_is_flagged_first_when_validation_cannot_beat_the_majority(store,
     majority = max(np.mean(labels == 0), np.mean(labels == 1))
     assert run.data.metrics["val_majority_rate"] == pytest.approx(majority, abs=1e-12)
     assert run.data.tags["gap.at_chance"] == "true"
-    assert artifact_path(uri, ids["default"], "gap_summary.txt").read_text().startswith("AT CHANCE: ")
+    assert artifact_text(uri, ids["default"], "gap_summary.txt").startswith("AT CHANCE: ")
 
 
 def _colour_folder(root, per_class: int) -> None:
@@ -208,7 +209,7 @@ def test_a_clearly_learned_model_is_not_flagged(tmp_path, tracking_uri):
     low = wilson_interval(round(accuracy * n), n)[0]
     assert n == 40 and low > majority, (accuracy, majority)
     assert run.data.tags["gap.at_chance"] == "false"
-    text = artifact_path(tracking_uri, run.info.run_id, "gap_summary.txt").read_text()
+    text = artifact_text(tracking_uri, run.info.run_id, "gap_summary.txt")
     assert text.startswith("phase 1, epoch 4 (step 3): ") and "AT CHANCE" not in text
 
 
@@ -245,8 +246,7 @@ def test_wilson_intervals_bracket_the_accuracies(store):
 @pytest.mark.slow
 def test_gap_summary_names_components_per_phase(store):
     uri, ids = store
-    path = artifact_path(uri, ids["default"], "gap_summary.txt")
-    text = path.read_text()
+    text = artifact_text(uri, ids["default"], "gap_summary.txt")
     assert text.startswith("AT CHANCE: ")  # 8 validation images (see the chance test)
     assert "\nphase 1, epoch 2 (step 1): " in text
     assert "phase 2, epoch 4 (step 3): " in text
@@ -257,8 +257,7 @@ def test_gap_summary_names_components_per_phase(store):
 @pytest.mark.slow
 def test_resolved_config_artifact_round_trips(store, image_dir):
     uri, ids = store
-    path = artifact_path(uri, ids["default"], "config.yaml")
-    logged = OmegaConf.load(path)
+    logged = OmegaConf.create(artifact_text(uri, ids["default"], "config.yaml"))
     composed = make_cfg(image_dir, uri, "tracking.run_name=default", LOG_MODEL)
     assert OmegaConf.to_container(logged) == OmegaConf.to_container(composed, resolve=True)
 
@@ -275,7 +274,7 @@ def test_more_than_two_classes_train_a_softmax_head(tmp_path, tracking_uri):
     assert run.data.params["data.class_names"] == "alpaca,llama,vicuna"
     assert run.data.metrics["phase1/trainable_params_head"] == 1280 * 3 + 3
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.keras.load_model(run.data.tags["model.uri"])
+    model = mlflow.keras.load_model(run.data.tags["model.uri"], dst_path=str(tmp_path))
     clean, val = independent_passes(model, *read_split(tmp_path / "three", 32))
     clean.compare(run.data.metrics["train_clean_accuracy"], run.data.metrics["train_clean_loss"], "train_clean")
     val.compare(run.data.metrics["val_accuracy"], run.data.metrics["val_loss"], "val")

@@ -122,7 +122,7 @@ def _accuracy(model, images: np.ndarray, labels: np.ndarray, training: bool) -> 
 
 
 @pytest.mark.slow
-def test_dropout_and_augmentation_hold_training_accuracy_down(demo_runs, demo_image_dir):
+def test_dropout_and_augmentation_hold_training_accuracy_down(demo_runs, demo_image_dir, tmp_path):
     """The phenomenon the suite explains, on the demo base with the course's settings: in phase 1 the
     measured dropout and augmentation components together are positive (training held down) ...
 
@@ -138,7 +138,7 @@ def test_dropout_and_augmentation_hold_training_accuracy_down(demo_runs, demo_im
     import keras
 
     mlflow.set_tracking_uri(uri)
-    model = mlflow.keras.load_model(f"runs:/{course.info.run_id}/model")
+    model = mlflow.keras.load_model(f"runs:/{course.info.run_id}/model", dst_path=str(tmp_path))
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             layer.trainable = False  # BatchNorm on its moving statistics, as in phase 1

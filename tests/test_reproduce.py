@@ -29,7 +29,7 @@ from finetune_ablation.reproduce.rebuild import (
     validate_against_schema,
 )
 
-from .helpers import FAST, LOG_IMPORTS, SKIPPED, artifact_path, history, imported, new_store, run_ablate, runs
+from .helpers import FAST, LOG_IMPORTS, SKIPPED, artifact_text, history, imported, new_store, run_ablate, runs
 
 EXPERIMENT = "repro"
 
@@ -78,7 +78,7 @@ def reproduced(original, tmp_path_factory):
 
 def _config(original) -> dict:
     uri, run = original
-    return yaml.safe_load(artifact_path(uri, run.info.run_id, "config.yaml").read_text())
+    return yaml.safe_load(artifact_text(uri, run.info.run_id, "config.yaml"))
 
 
 def copy_run(original, config: dict | None = None, tags: dict | None = None, status: str | None = "FINISHED") -> str:
@@ -147,7 +147,7 @@ def test_every_per_epoch_metric_is_identical(original, reproduced):
         assert history(uri, run.info.run_id, key) == history(uri, new.info.run_id, key), key
     assert new.data.tags["config_hash"] == run.data.tags["config_hash"]
     assert new.data.tags["model.weights_sha256"] == run.data.tags["model.weights_sha256"]
-    table = artifact_path(uri, new.info.run_id, "reproduce_comparison.csv").read_text()
+    table = artifact_text(uri, new.info.run_id, "reproduce_comparison.csv")
     assert table.startswith("metric,values,max_abs_diff,problem")
 
 

@@ -3,6 +3,7 @@ the joblib launcher, and every named study composing."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from finetune_ablation.run import resume
 from finetune_ablation.run.parent_run import find_parent_run, tag_filter
 from hydra_plugins.finetune_ablation_optuna_sweeper.handoff import encode_value
 
-from .helpers import FAST, LOG_IMPORTS, SKIPPED, imported, make_cfg, new_store, run_ablate, runs
+from .helpers import FAST, LOG_IMPORTS, SKIPPED, artifact_text, imported, make_cfg, new_store, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1"]
 # where a test checks resuming or failures, not what a job measured: no gap measurement to trace
@@ -55,8 +56,7 @@ def _children(uri: str, parent_id: str):
 
 
 def _summary(uri: str, parent_id: str) -> pd.DataFrame:
-    path = mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="sweep_summary.csv", tracking_uri=uri)
-    return pd.read_csv(path)
+    return pd.read_csv(io.StringIO(artifact_text(uri, parent_id, "sweep_summary.csv")))
 
 
 def _check_grouping(uri: str, expected_jobs: int) -> str:
