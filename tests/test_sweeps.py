@@ -218,7 +218,7 @@ def test_tag_filter_finds_exactly_the_tagged_run_in_a_real_store(tmp_path):
 
 
 def _trained(uri: str) -> set[str]:
-    """The runs that trained (a sweep's parent does not)."""
+    """The ids of the jobs' runs, finished or failed (a sweep's parent run has no config hash)."""
     return {r.info.run_id for r in runs(uri) if "config_hash" in r.data.tags}
 
 
