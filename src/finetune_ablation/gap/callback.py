@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from .decomposition import decompose
-from .meter import GapMeter, KeptBatches, Stage
+from .meter import GapMeter, KeptBatches, Stage, TrainingOrder
 from .scoring import Scorer
 
 
@@ -38,6 +38,8 @@ class GapCallback(keras.callbacks.Callback):
         when: ``"every_epoch"``, or ``"last_epoch"`` of each ``fit``.
         model: the model to measure, when ``fit`` trains another one on precomputed inputs.
         precomputed: what ``train_data`` holds when it is not images (see ``Precomputed``).
+        order: the batches ``fit`` reads, from a pipeline of their own (``ablate``): the measurement then
+            replays the epoch's own batches, augmentations and dropout masks (meter.TrainingOrder).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class GapCallback(keras.callbacks.Callback):
         when: Literal["every_epoch", "last_epoch"] = "every_epoch",
         model: keras.Model | None = None,
         precomputed: Precomputed | None = None,
+        order: TrainingOrder | None = None,
     ):
         super().__init__()
         self.train_data = train_data
@@ -57,6 +60,7 @@ class GapCallback(keras.callbacks.Callback):
         self.when = when
         self.measured_model = model
         self.precomputed = precomputed
+        self.order = order
         self.meter: GapMeter | None = None
         self._scorer: Scorer | None = None
 
@@ -65,8 +69,12 @@ class GapCallback(keras.callbacks.Callback):
         loss are read after the first step (when Keras has built them)."""
         stage = self.precomputed.stage if self.precomputed else None
         kept = self.precomputed.epoch_batches if self.precomputed else None
-        self.meter = GapMeter(self.measured_model or self.model, self.train_data, self.seed, stage, kept)
+        model = self.measured_model or self.model
+        self.meter = GapMeter(model, self.train_data, self.seed, stage, kept, self.order)
         self._scorer = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.meter.epoch_begins(epoch)  # the seed states this epoch's training draws start from
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None:

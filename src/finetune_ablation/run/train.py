@@ -25,6 +25,7 @@ from ..config import DiagnosticsLevel
 from ..console import print_epoch
 from ..gap.callback import GapCallback, Precomputed
 from ..gap.decomposition import chance_warning, majority_rate
+from ..gap.meter import TrainingOrder
 from ..gap.plot import gap_chart
 from ..gap.sentence import gap_summary
 from . import feature_cache
@@ -171,6 +172,7 @@ def _run_phase(
     summary = {k: float(v) for k, v in trainable_summary(clf).items()}
     report = trainable_report(clf)
     callbacks: list[keras.callbacks.Callback] = []
+    steps = math.ceil(len(data.train_files) / data.batch_size)
     if measuring:
         epoch_batches = inputs.epoch_batches if inputs else None
         if epoch_batches is not None:
@@ -184,13 +186,13 @@ def _run_phase(
                 when="every_epoch" if cfg.diagnostics.level == DiagnosticsLevel.full else "last_epoch",
                 model=clf.model,
                 precomputed=Precomputed(inputs.stage, epoch_batches) if inputs else None,
+                order=_training_order(data, inputs, phase, steps),
             )
         )
     callbacks.append(EpochLogger(phase, rows, recorder))
     callbacks.append(ReturnFreedMemory())  # after the epoch's measuring and logging, before a caller's own
     callbacks.extend(extra_callbacks)
     before = bn_moving_stats(clf.base)
-    steps = math.ceil(len(data.train_files) / data.batch_size)
     fit_epochs(
         model, source.training_batches(phase), steps, source.val, first_epoch, epochs, callbacks, cfg.train.verbose
     )
@@ -198,6 +200,15 @@ def _run_phase(
     record = PhaseRecord(phase, summary, report)
     record.log(recorder)
     return record
+
+
+def _training_order(data: Datasets, inputs: FrozenInputs | None, phase: int, steps: int) -> TrainingOrder:
+    """The phase's training batches as ``fit`` reads them, un-augmented (the images, or the clean images'
+    frozen inputs), from a pipeline of their own: the gap measurement replays each epoch's own batches
+    (docs/gap-measurement.md)."""
+    if inputs is None:
+        return TrainingOrder(lambda: data.training_batches(phase), steps)
+    return TrainingOrder(lambda: data.reshuffled(inputs.train_images, phase), steps)
 
 
 def _frozen_inputs(
