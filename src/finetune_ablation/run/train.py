@@ -187,6 +187,7 @@ def _run_phase(
                 model=clf.model,
                 precomputed=Precomputed(inputs.stage, epoch_batches) if inputs else None,
                 order=_training_order(data, inputs, phase, steps),
+                attribution=str(cfg.diagnostics.attribution.value),  # docs/gap-measurement.md
             )
         )
     callbacks.append(EpochLogger(phase, rows, recorder))
@@ -328,11 +329,14 @@ def _record_result(cfg: DictConfig, clf: Classifier, data: Datasets, rows: list[
     history = pd.DataFrame(rows)
     recorder.table(history, rec.HISTORY_CSV)
     val_accuracy = float(history[rec.VAL_ACCURACY].iloc[-1])
-    warning = _record_chance(data, val_accuracy, recorder)
+    majority = majority_rate([f.class_name for f in data.val_files])
+    warning = _record_chance(data, val_accuracy, majority, recorder)
     recorder.figure(learning_curves(history), rec.LEARNING_CURVES_PNG)
     if rec.GAP_TOTAL in history:
         recorder.figure(gap_chart(history, warning), rec.GAP_PNG)
-    recorder.text(gap_summary(rows, warning), rec.GAP_SUMMARY_TXT)
+    attribution = str(cfg.diagnostics.attribution.value)
+    summary = gap_summary(rows, warning, val_count=len(data.val_files), majority=majority, attribution=attribution)
+    recorder.text(summary, rec.GAP_SUMMARY_TXT)
     recorder.text(OmegaConf.to_yaml(cfg, resolve=True), rec.CONFIG_YAML)
     recorder.tags({rec.WEIGHTS_DIGEST_TAG: weights_digest(clf.model)})
     if cfg.tracking.log_model:
@@ -340,11 +344,13 @@ def _record_result(cfg: DictConfig, clf: Classifier, data: Datasets, rows: list[
     return val_accuracy
 
 
-def _record_chance(data: Datasets, val_accuracy: float, recorder: Recorder) -> str | None:
+def _record_chance(data: Datasets, val_accuracy: float, majority: float, recorder: Recorder) -> str | None:
     """``val_majority_rate`` and the tag ``gap.at_chance``: is the final model distinguishable from
-    always guessing the larger class? Returns the warning that summary and chart must lead with."""
-    majority = majority_rate([f.class_name for f in data.val_files])
+    always guessing the larger class? Returns the warning that summary and chart must lead with, and says
+    it on the console too (the last thing a user reads of a run at chance)."""
     warning = chance_warning(val_accuracy, len(data.val_files), majority)
     recorder.metrics({rec.VAL_MAJORITY_RATE: majority})
     recorder.tags({rec.AT_CHANCE_TAG: str(warning is not None).lower()})
+    if warning:
+        print(warning, flush=True)
     return warning
