@@ -120,9 +120,15 @@ class DiagnosticsLevel(str, Enum):
     off = "off"
 
 
+class Attribution(str, Enum):
+    ordered = "ordered"  # effects removed in one order: BatchNorm, dropout, augmentation
+    shapley = "shapley"  # averaged over all six orders (docs/gap-measurement.md, "The removal order")
+
+
 @dataclass
 class DiagnosticsConfig:
     level: DiagnosticsLevel = DiagnosticsLevel.full
+    attribution: Attribution = Attribution.ordered
 
 
 @dataclass

@@ -40,6 +40,9 @@ class GapCallback(keras.callbacks.Callback):
         precomputed: what ``train_data`` holds when it is not images (see ``Precomputed``).
         order: the batches ``fit`` reads, from a pipeline of their own (``ablate``): the measurement then
             replays the epoch's own batches, augmentations and dropout masks (meter.TrainingOrder).
+        attribution: ``"ordered"`` (BatchNorm, dropout, augmentation removed in that order: an interaction
+            lands in the one removed first) or ``"shapley"`` (each averaged over all removal orders; measures
+            the 2x2x2 corners). See docs/gap-measurement.md.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class GapCallback(keras.callbacks.Callback):
         model: keras.Model | None = None,
         precomputed: Precomputed | None = None,
         order: TrainingOrder | None = None,
+        attribution: str = "ordered",
     ):
         super().__init__()
         self.train_data = train_data
@@ -61,6 +65,7 @@ class GapCallback(keras.callbacks.Callback):
         self.measured_model = model
         self.precomputed = precomputed
         self.order = order
+        self.attribution = attribution
         self.meter: GapMeter | None = None
         self._scorer: Scorer | None = None
 
@@ -83,5 +88,7 @@ class GapCallback(keras.callbacks.Callback):
             return
         if self._scorer is None:
             self._scorer = Scorer.of(self.model)
-        measured = self.meter.measure(epoch, self._scorer)
-        logs.update(decompose(logs, measured, self.validation_size, self._scorer.accuracy_name))
+        shapley = self.attribution == "shapley"
+        measured = self.meter.measure(epoch, self._scorer, corners=shapley)
+        name = self._scorer.accuracy_name
+        logs.update(decompose(logs, measured, self.validation_size, name, self.attribution))

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .decomposition import CONDITIONS
+from .decomposition import CONDITIONS, EFFECTS
 from .layers import assign_values, copy_values, forward_state
 from .passes import MeasuringPasses, as_list
 from .scoring import Scorer, Tally
@@ -41,6 +41,14 @@ from .scoring import Scorer, Tally
 # What a dataset of precomputed inputs holds (the suite's frozen inputs): the head's input ("pooled"
 # features of a frozen, deterministic body) or the tensors that cross the base's frozen-bottom cut.
 Stage = Literal["pooled", "bottom"]
+
+# The 2x2x2 corners by the effects removed: the chain of CONDITIONS removes BatchNorm, then dropout, then
+# augmentation; the other four corners complete the cube.
+_BN, _DROP_EFFECT, _AUG_EFFECT = EFFECTS
+CHAIN_CORNERS = (frozenset(), frozenset({_BN}), frozenset({_BN, _DROP_EFFECT}), frozenset(EFFECTS))
+DROP, AUG = frozenset({_DROP_EFFECT}), frozenset({_AUG_EFFECT})
+BN_AUG, DROP_AUG = frozenset({_BN, _AUG_EFFECT}), frozenset({_DROP_EFFECT, _AUG_EFFECT})
+EXTRA_CORNERS = (DROP, AUG, BN_AUG, DROP_AUG)
 
 # Keras's TensorFlow backend takes a seed state modulo this (random._cast_seed) before every draw.
 SEED_MODULUS = 2**31 - 2
@@ -244,8 +252,9 @@ class GapMeter:
         for x, y in self.dataset:
             yield y, (self.passes.augment(x) if self.augments else x), x
 
-    def _conditions(self, epoch: int):
-        """Per batch: labels and the pooled features under train_mode, no_batchnorm, no_dropout and clean."""
+    def _conditions(self, epoch: int, corners: bool = False):
+        """Per batch: labels, the pooled features under train_mode, no_batchnorm, no_dropout and clean, and
+        with ``corners`` the clean images' features with BatchNorm on batch and on moving statistics."""
         replay = self.order is not None and self._epoch_start is not None and self._epoch_start[0] == epoch
         self.replayed = replay
         if replay:
@@ -260,30 +269,53 @@ class GapMeter:
         for index, (y, augmented, clean) in enumerate(batches):
             f_train, f_no_bn, f_no_drop = self._augmented_features(augmented, replay)
             f_clean = f_no_drop if clean is augmented else self._clean(clean, index if in_order else None)
-            yield y, f_train, f_no_bn, f_no_drop, f_clean
+            clean_bn = None
+            if corners:
+                clean_bn = (f_train, f_no_bn) if clean is augmented else self._augmented_features(clean, replay)[:2]
+            yield y, f_train, f_no_bn, f_no_drop, f_clean, clean_bn
         if in_order and self._kept and self._kept_bytes <= self.clean_bottom_budget:  # kept once complete
             (self._clean_features if self._fixed_clean else self._clean_bottom).extend(self._kept)
 
-    def measure(self, epoch: int, scorer: Scorer) -> dict[str, float]:
+    def measure(self, epoch: int, scorer: Scorer, corners: bool = False) -> dict[str, float]:
         """Accuracy, loss and correct count under each condition (as ``scorer`` defines them: the compiled
-        metric and loss, averaged as Keras averages them), with everything a pass can write restored."""
+        metric and loss, averaged as Keras averages them), with everything a pass can write restored.
+
+        With ``corners`` also every combination of the three effects removed (``decomposition.EFFECTS``:
+        the 2x2x2 corners, under ``corner_accuracy``/``corner_loss`` keyed by the set removed), all with
+        the same batches, draws and dropout masks, for the attribution that no removal order decides."""
+        if corners and self.base_is_stochastic:
+            raise ValueError("the 2x2x2 corners need a body without random layers (EfficientNet's stochastic depth)")
         saved = copy_values(self._written)
         tallies = {name: Tally() for name in CONDITIONS}
+        extra = {removed: Tally() for removed in EXTRA_CORNERS} if corners else {}
         try:
-            for y, f_train, f_no_bn, f_no_drop, f_clean in self._conditions(epoch):
-                # the same dropout mask for both dropout-on passes, so only BatchNorm differs
-                dropout_state = copy_values(self._dropout_seeds)
+            for y, f_train, f_no_bn, f_no_drop, f_clean, clean_bn in self._conditions(epoch, corners):
+                # the same dropout mask for every dropout-on pass, so only BatchNorm (or augmentation) differs
+                mask = copy_values(self._dropout_seeds)
                 tallies["train_mode"].add(scorer, self.passes.head_dropout(f_train), y)
-                assign_values(self._dropout_seeds, dropout_state)
+                for removed, features in ((BN_AUG, clean_bn and clean_bn[1]), (AUG, clean_bn and clean_bn[0])):
+                    if removed in extra:
+                        assign_values(self._dropout_seeds, mask)
+                        extra[removed].add(scorer, self.passes.head_dropout(features), y)
+                assign_values(self._dropout_seeds, mask)
                 tallies["no_batchnorm"].add(scorer, self.passes.head_dropout(f_no_bn), y)
                 tallies["no_dropout"].add(scorer, self.passes.head_infer(f_no_drop), y)
                 tallies["train_clean"].add(scorer, self.passes.head_infer(f_clean), y)
+                if extra:
+                    extra[DROP].add(scorer, self.passes.head_infer(f_train), y)
+                    extra[DROP_AUG].add(scorer, self.passes.head_infer(clean_bn[0]), y)
         finally:
             assign_values(self._written, saved)
-        out: dict[str, float] = {}
+        out: dict = {}
         for name, tally in tallies.items():
             out[f"{name}_accuracy"] = tally.accuracy
             out[f"{name}_loss"] = tally.loss
             out[f"{name}_correct"] = tally.correct
         out["train_count"] = tallies["train_clean"].count
+        if corners:
+            chain = dict(zip(CHAIN_CORNERS, CONDITIONS, strict=True))
+            for metric in ("accuracy", "loss"):
+                values = {removed: out[f"{name}_{metric}"] for removed, name in chain.items()}
+                values |= {removed: getattr(tally, metric) for removed, tally in extra.items()}
+                out[f"corner_{metric}"] = values
         return out
