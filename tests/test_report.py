@@ -29,18 +29,13 @@ from finetune_ablation.report import app as report
 from finetune_ablation.report import stats as rs
 from finetune_ablation.tracking import ensure_experiment
 
-from .helpers import make_cfg, new_store, runs
+from .helpers import TOL, make_cfg, new_store, runs, wilson_by_hand
 
 EXPERIMENT = "study"
 SEEDS = (1, 2)
 DROPOUTS = ("0.0", "0.5")
 # Student t quantiles by degrees of freedom (tables: 12.706, 4.303, 3.182)
 T_975 = {1: 12.706204736174694, 2: 4.302652729749462, 3: 3.182446305284263}
-Z_975 = 1.959963984540054
-# Every compared quantity is an accuracy or a difference of accuracies (|x| <= 1) combined from at most a
-# dozen doubles by sums, one square root and one quantile: each step adds a few ulp of 1. 4096 ulp leaves
-# a wide margin on any IEEE-754 CPU and is still ten orders finer than one image (1/8 of an accuracy here).
-TOL = 4096 * math.ulp(1.0)
 FILES = (
     "report.md",
     "main_effects.png",
@@ -104,13 +99,6 @@ def _keras_majority(image_dir: Path, seed: int) -> tuple[float, int]:
     )  # fmt: skip
     labels = np.array([int(y) for _, y in val])
     return float(np.bincount(labels).max() / len(labels)), len(labels)
-
-
-def _wilson_by_hand(correct: int, n: int) -> tuple[float, float]:
-    p, z2 = correct / n, Z_975**2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z_975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return centre - half, centre + half
 
 
 @pytest.fixture(scope="module")
@@ -288,11 +276,11 @@ def test_runs_at_chance_are_found_from_the_majority_rate_of_their_split(study, r
     for row in raw.itertuples():
         got = table.loc[row.run_id]
         assert got["majority"] == pytest.approx(row.majority, abs=TOL) and got["val_count"] == row.val_count
-        low, _ = _wilson_by_hand(round(row.val_accuracy * row.val_count), row.val_count)
+        low, _ = wilson_by_hand(round(row.val_accuracy * row.val_count), row.val_count)
         assert bool(got["at_chance"]) == (low <= row.majority)  # not above the majority rate
     distinct = _distinct(raw)
     count = distinct["val_count"].mean()
-    low, _ = _wilson_by_hand(round(distinct["val_accuracy"].mean() * count), round(count))
+    low, _ = wilson_by_hand(round(distinct["val_accuracy"].mean() * count), round(count))
     diff = distinct["val_accuracy"] - distinct["majority"]
     half = T_975[3] * diff.std() / 2
     study_at_chance = low <= distinct["majority"].mean() or (diff.std() > 0 and diff.mean() - half <= 0)

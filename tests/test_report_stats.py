@@ -20,7 +20,7 @@ from finetune_ablation.report import design as rd
 from finetune_ablation.report import plots as report_plots
 from finetune_ablation.report import stats as rs
 
-from .test_report import TOL, _wilson_by_hand
+from .helpers import TOL, wilson_by_hand
 
 
 def test_interval_on_a_hand_checked_case():
@@ -128,7 +128,7 @@ def test_replicate_design_says_which_noise_an_interval_covers():
 def test_wilson_and_chance_against_the_formula_by_hand():
     for correct, n in ((5, 8), (0, 8), (8, 8), (40, 65)):
         low, high = rd.wilson(correct / n, n)
-        hand = _wilson_by_hand(correct, n)
+        hand = wilson_by_hand(correct, n)
         assert (low, high) == (pytest.approx(hand[0], abs=TOL), pytest.approx(hand[1], abs=TOL))
     # the case: 0.585 on 65 images against a majority of 0.615 is at chance
     assert rd.run_at_chance(38 / 65, 40 / 65, 65) is True
