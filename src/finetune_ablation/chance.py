@@ -8,6 +8,7 @@ the split's images, reaches down to the majority-class rate, or lies below it (d
 
 from __future__ import annotations
 
+import functools
 import math
 
 from scipy.stats import binomtest
@@ -15,6 +16,7 @@ from scipy.stats import binomtest
 CONFIDENCE = 0.95
 
 
+@functools.lru_cache(maxsize=4096)  # a study asks about the same few counts again and again
 def wilson_interval(successes: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion (``successes`` of ``trials``), via scipy."""
     ci = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=confidence, method="wilson")
