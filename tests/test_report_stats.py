@@ -361,3 +361,27 @@ def test_report_names_the_same_components_and_tags_as_the_training():
     assert tuple(COMPONENTS) == report.GAP_COMPONENTS
     train_source = (Path(sys.modules["finetune_ablation.record"].__file__).parent / "run" / "train.py").read_text()
     assert "rec.WEIGHTS_DIGEST_TAG" in train_source and "rec.DATA_COUNT_PARAM_PREFIX" in train_source
+
+
+def test_the_first_lines_state_the_design_found():
+    unbalanced = _study(params__seed=["1", "1", "2", "2", "3"], params__data__seed=["1", "1", "2", "2", "3"],
+                        params__model__dropout=["0", "0.2", "0", "0.2", "0"])  # fmt: skip
+    factors = rs.find_factors(unbalanced)
+    blocks = rd.block_ids(unbalanced, rd.unit_ids(unbalanced))
+    text = "\n".join(report_text.design_found_lines(factors, 2, blocks, rd.replicate_design(unbalanced)))
+    assert "Factors: `model.dropout` (2 levels); 2 configs." in text
+    assert "`seed` (3 values), `data.seed` (3 values), paired (one `data.seed` per `seed`)" in text
+    assert "**3 independent blocks** (`seed=1, data.seed=1`; `seed=2, data.seed=2`; `seed=3, data.seed=3`)." in text
+    assert "**Unbalanced**: `seed=3, data.seed=3` lacks 1 of the configs" in text
+    assert "Every interval below is over these 3 blocks (n = 3, 2 degrees of freedom)" in text
+    crossed = _study(params__seed=["1", "1", "2", "2"], params__data__seed=["1", "2", "1", "2"])
+    blocks = rd.block_ids(crossed, rd.unit_ids(crossed))
+    text = "\n".join(report_text.design_found_lines([], 1, blocks, rd.replicate_design(crossed)))
+    assert "**1 independent block**: the 4 combinations of `seed`, `data.seed` share values" in text
+    assert "**One block: no interval anywhere.**" in text
+    # how wide with 3 blocks, and what 5 would give: t(2) = 4.303 and t(4) = 2.776 at sd 2 points
+    lines = "\n".join(report_text.precision_lines(3, {"total": 0.02, "split": 0.04}))
+    assert f"that is ±{100 * T_975[2] * 0.02 / math.sqrt(3):.1f} points" in lines  # ±5.0
+    assert f"it would be ±{100 * T_975[4] * 0.02 / math.sqrt(5):.1f} with 5" in lines  # ±2.5
+    assert "The most variable component, `split` (sd 4.0 points)" in lines
+    assert report_text.precision_lines(1, {"total": 0.02}) == []
