@@ -17,8 +17,8 @@ validation accuracy (~90% on 200 images, majority 50%) is far from chance, so no
     Holm) for at least one component in at most 23 of the 300 studies (Holm's family-wise rate here is
     1 - 0.99^5 = 4.9%, exceeded that far with probability 1.4%; a 10% family-wise rate would pass with
     probability 10%: the check's power is 90%); the total's interval and the within-block factor contrasts
-    at 5% too. Before issue 33 the report pooled runs as independent: 60% per component, 92% of studies
-    (docs/report.md).
+    at 5% too. Measured here: 5.5% and 4.7%; the report before issue 33 (intervals over runs) gave 17.8%
+    per component and 27.7% of studies on these same studies (docs/report.md).
 (b) **A true effect of a stated size** (``effect_studies``): 80 studies of 4 blocks x 2 configs; every
     component has study mean +6 points and a within-block ``freeze_bn`` contrast of 4 points. Expected
     power, from the noncentral t (scipy, not the report): the component's interval excludes zero with
