@@ -18,13 +18,13 @@ import pytest
 
 from finetune_ablation import chance
 from finetune_ablation.console import gap_leader
+from finetune_ablation.gap.decomposition import COMPONENTS
 from finetune_ablation.report import app as report
 from finetune_ablation.report import blocked
 from finetune_ablation.report import design as rd
 from finetune_ablation.report import plots as report_plots
 from finetune_ablation.report import stats as rs
 from finetune_ablation.report import text as report_text
-from finetune_ablation.run.diagnostics import COMPONENTS
 
 from .helpers import T_975, TOL, wilson_by_hand
 
