@@ -27,9 +27,8 @@ _MEANING = {
 AT_CHANCE_VERDICT = "noise: the model is at chance"
 
 
-def format_cell(row: pd.Series | dict, signed: bool, blocks: int | None = None) -> str:
-    """``mean ± sd [low, high]`` in percentage points: the mean over blocks, the sd of the block means and
-    the t-interval over blocks; ``(n=k)`` where this cell has fewer blocks than ``blocks``."""
+def _without_interval(row: pd.Series | dict, signed: bool, constant: str) -> str | None:
+    """The cell of a mean that has no interval (none measured, one block, no spread); None otherwise."""
     n = int(row["blocks"])
     if n == 0:
         return "–"
@@ -37,24 +36,28 @@ def format_cell(row: pd.Series | dict, signed: bool, blocks: int | None = None) 
     if n == 1:
         return f"{mean} (1 block)"
     if row["sd"] == 0:
-        return f"{mean} (no variation, {n} blocks)"
+        return f"{mean} ({constant.format(n=n)})"
+    return None
+
+
+def format_cell(row: pd.Series | dict, signed: bool, blocks: int | None = None) -> str:
+    """``mean ± sd [low, high]`` in percentage points: the mean over blocks, the sd of the block means and
+    the t-interval over blocks; ``(n=k)`` where this cell has fewer blocks than ``blocks``."""
+    plain = _without_interval(row, signed, "no variation, {n} blocks")
+    if plain is not None:
+        return plain
     low, high = points(row["ci_low"], signed), points(row["ci_high"], signed)
-    cell = f"{mean} ± {100 * row['sd']:.1f} [{low}, {high}]"
-    return cell if blocks is None or n == blocks else f"{cell} (n={n})"
+    cell = f"{points(row['mean'], signed)} ± {100 * row['sd']:.1f} [{low}, {high}]"
+    return cell if blocks is None or int(row["blocks"]) == blocks else f"{cell} (n={int(row['blocks'])})"
 
 
 def effect_cell(row: pd.Series | dict) -> str:
     """A within-block difference: ``+1.7 [+0.7, +2.6], p 0.01`` over the blocks that ran both levels."""
-    n = int(row["blocks"])
-    if n == 0:
-        return "–"
-    mean = points(row["mean"], True)
-    if n == 1:
-        return f"{mean} (1 block)"
-    if row["sd"] == 0:
-        return f"{mean} (the same in all {n} blocks)"
+    plain = _without_interval(row, True, "the same in all {n} blocks")
+    if plain is not None:
+        return plain
     low, high = points(row["ci_low"], True), points(row["ci_high"], True)
-    return f"{mean} [{low}, {high}], p {row['p']:.2g}"
+    return f"{points(row['mean'], True)} [{low}, {high}], p {row['p']:.2g}"
 
 
 def _runs(n: int, singular: str, plural: str) -> str:
