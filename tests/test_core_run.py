@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from finetune_ablation.chance import wilson_interval
 from finetune_ablation.cli import run_job
-from finetune_ablation.gap.decomposition import wilson_interval
 
 from .helpers import artifact_text, history, make_cfg, new_store, read_split, runs
 from .independent import IndependentCheck, independent_passes, train_with

@@ -16,9 +16,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 
-from scipy.stats import binomtest
-
 from .. import record as rec
+from ..chance import accuracy_interval, at_chance, wilson_interval
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
 # component (named in record.GAP_COMPONENTS) -> (minuend, subtrahend), in the order the effects are removed
@@ -65,24 +64,19 @@ def shapley_components(corners: Mapping[frozenset, float]) -> dict[str, float]:
     return {effect: sum(c[effect] for c in by_order) / len(orders) for effect in EFFECTS}
 
 
-def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    ci = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
 def majority_rate(labels: list) -> float:
     """Share of the most common class: the accuracy of always guessing it."""
     return max(labels.count(name) for name in set(labels)) / len(labels)
 
 
 def chance_warning(val_accuracy: float, val_count: int, majority: float) -> str | None:
-    """A warning when the validation accuracy's 95% Wilson interval reaches down to the majority-class
-    rate: such a model is not distinguishably better than guessing the larger class (or is worse), so its
-    gap components are noise. The study report applies the same rule (report_design.run_at_chance)."""
-    low, high = wilson_interval(round(val_accuracy * val_count), val_count)
-    if low > majority:
+    """A warning when the model is at chance (the project's one rule, chance.at_chance: the validation
+    accuracy's 95% Wilson interval reaches down to the majority-class rate): not distinguishably better
+    than guessing the larger class (or worse), so its gap components are noise. ``ablate-report`` applies
+    the same rule to a study's runs."""
+    if not at_chance(val_accuracy, val_count, majority):
         return None
+    low, high = accuracy_interval(val_accuracy, val_count)
     return (
         f"AT CHANCE: val_accuracy {val_accuracy:.3f} (95% interval {low:.3f}-{high:.3f}, {val_count} images) "
         f"is not distinguishably above the majority-class rate {majority:.3f}. The model explains nothing "

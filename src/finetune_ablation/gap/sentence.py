@@ -4,8 +4,9 @@ the headline the figure and the report take from the total's sign."""
 from __future__ import annotations
 
 from .. import record as rec
+from ..chance import accuracy_interval, at_chance
 from ..console import points
-from .decomposition import COMPONENTS, chance_warning, wilson_interval
+from .decomposition import COMPONENTS
 
 # What each component contains (docs/gap-measurement.md), with the effects removed in one order...
 _LAG = (
@@ -60,13 +61,13 @@ def gap_sentence(row: dict[str, float]) -> str:
 
 def _phase_chance(row: dict, val_count: int | None, majority: float | None) -> str:
     """The phase's own at-chance check: its last measured epoch's validation accuracy against the
-    majority-class rate (the run's rule, decomposition.chance_warning), as a note for its line."""
+    majority-class rate (the project's one rule, chance.at_chance), as a note for its line."""
     if not val_count or majority is None or rec.VAL_ACCURACY not in row:
         return ""
     accuracy = float(row[rec.VAL_ACCURACY])
-    if chance_warning(accuracy, val_count, majority) is None:
+    if not at_chance(accuracy, val_count, majority):
         return ""
-    low, high = wilson_interval(round(accuracy * val_count), val_count)
+    low, high = accuracy_interval(accuracy, val_count)
     return (
         f", AT CHANCE (val_accuracy {accuracy:.3f}, 95% interval {low:.3f}-{high:.3f}, majority-class rate "
         f"{majority:.3f}: these components are noise)"
