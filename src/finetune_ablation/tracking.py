@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import NOT_HASHED, TrackingConfig, schema_of, without_roles
 from .errors import UserError
+from .fingerprints import installed
 from .paths import PROJECT_ROOT, default_tracking_uri
 from .record import (
     ERROR_TAG,
@@ -168,10 +168,8 @@ def git_state() -> dict[str, str]:
 def package_versions() -> dict[str, str]:
     out = {}
     for dist in ("tensorflow", "keras", "mlflow", "hydra-core", "optuna", "numpy", "finetune-ablation"):
-        try:
-            out[f"{VERSION_TAG_PREFIX}{dist}"] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[f"{VERSION_TAG_PREFIX}{dist}"] = "not installed"
+        found = installed(dist)
+        out[f"{VERSION_TAG_PREFIX}{dist}"] = found[1] if found else "not installed"
     return out
 
 

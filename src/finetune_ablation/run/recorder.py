@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import record as rec
+from ..fingerprints import installed
 
 if TYPE_CHECKING:
     import keras
@@ -98,14 +99,13 @@ class MlflowRecorder:
         """MLflow's Keras flavor, loadable from ``runs:/<run id>/model`` (load it after ``import
         finetune_ablation.run.model``, which registers the custom ``Preprocess`` layer). Requirements are
         pinned from this environment: MLflow's inference would re-import the model in a subprocess."""
-        from importlib.metadata import version
-
         import mlflow
         import numpy as np
         from mlflow.models import ModelSignature
         from mlflow.types.schema import Schema, TensorSpec
 
-        pins = [f"{name}=={version(name)}" for name in ("tensorflow", "keras")]
+        # the distributions that provide tensorflow and keras here (keras may be keras-nightly)
+        pins = [f"{name}=={version}" for name, version in filter(None, map(installed, ("tensorflow", "keras")))]
         float32 = np.dtype("float32")
         signature = ModelSignature(  # images in (pixels 0..255), logits out: shown in the UI, checked on serving
             inputs=Schema([TensorSpec(float32, (-1, *model.input_shape[1:]), "image")]),
