@@ -10,6 +10,7 @@ import pytest
 
 from finetune_ablation.demo_data import write_image_folder
 
+from . import other_keras
 from .helpers import new_store
 
 
@@ -32,3 +33,9 @@ def own_image_dir(image_dir, tmp_path) -> Path:
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     return new_store(tmp_path)
+
+
+@pytest.fixture(params=other_keras.KERAS_ENVS, ids=lambda env: env.name)
+def keras_env(request) -> other_keras.KerasEnv:
+    """Each Keras the suite is checked under (``tests/other_keras.py``); one whose venv is absent skips."""
+    return other_keras.require(request.param)
