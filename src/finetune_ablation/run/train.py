@@ -74,17 +74,6 @@ def loss_and_accuracy(binary: bool) -> tuple[keras.losses.Loss, keras.metrics.Me
     )
 
 
-def limit_tf_threads(threads: int | None) -> None:
-    """Size TF's thread pools (before its runtime starts; a reused worker keeps its first setting)."""
-    if not threads:
-        return
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:  # already initialised in this process by an earlier job: same machine split
-        pass
-
-
 def compile_fresh(model: keras.Model, binary: bool, learning_rate: float) -> None:
     """Always a NEW optimizer: reusing the one built for another trainable set raises in Keras 3."""
     loss, accuracy = loss_and_accuracy(binary)
