@@ -6,6 +6,7 @@ Everything is real: Keras trains, MLflow writes sqlite, Hydra composes ``conf/``
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import mlflow
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -114,3 +116,9 @@ def new_store(folder: Path, name: str = "mlflow.db") -> str:
     if not db.exists():
         shutil.copyfile(_template, db)
     return f"sqlite:///{db}"
+
+
+def require_module(module: str, install: str) -> None:
+    """Skip the test, saying how to install it, unless ``module`` is importable."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed: {install} (.ci/run does)")

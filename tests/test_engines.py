@@ -5,7 +5,6 @@ fixtures (tests/servers.py); each test runs the real ``ablate`` commands in subp
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from finetune_ablation import tracking
 
 from . import servers
-from .helpers import FAST, history, new_store, run_ablate, runs
+from .helpers import FAST, history, new_store, require_module, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
 
@@ -35,26 +34,10 @@ def mlflow_http(tmp_path) -> str:
         yield uri
 
 
-def _require(module: str, install: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed: {install} (.ci/run does)")
-
-
-@pytest.fixture
-def postgres() -> servers.Postgres:
-    _require("psycopg", "pip install -e '.[engines]'")
-    try:
-        servers.require_postgres()
-    except servers.ServerUnavailable as exc:
-        pytest.skip(str(exc))
-    with servers.postgres_server() as pg:
-        yield pg
-
-
 @pytest.fixture
 def ray_address() -> str:
-    _require("ray", "pip install -e '.[engines]'")
-    _require("hydra_plugins.hydra_ray_launcher", "pip install --no-deps hydra-ray-launcher==1.2.2")
+    require_module("ray", "pip install -e '.[engines]'")
+    require_module("hydra_plugins.hydra_ray_launcher", "pip install --no-deps hydra-ray-launcher==1.2.2")
     try:
         with servers.ray_cluster() as address:
             yield address

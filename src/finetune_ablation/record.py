@@ -30,6 +30,7 @@ HYDRA_OUTPUT_DIR_TAG = "hydra.output_dir"
 HYDRA_JOB_TAG = "hydra.job"
 HYDRA_SWEEPER_TAG = "hydra.sweeper"  # on a sweep's parent
 HYDRA_LAUNCHER_TAG = "hydra.launcher"  # on a sweep's parent
+THREADS_GRANTED_TAG = "threads.granted_by"  # what decided the job's TF thread count (the param ``threads``)
 
 # Tags the training writes
 DATA_FINGERPRINT_TAG = "data.fingerprint"
@@ -91,6 +92,8 @@ PID_TAG = "liveness.pid"
 PROCESS_START_TAG = "liveness.process_start"  # the process's start time, seconds since the epoch
 HEARTBEAT_TAG = "liveness.heartbeat"  # UTC, ISO 8601, refreshed every liveness.HEARTBEAT_INTERVAL_S
 HEARTBEAT_INTERVAL_TAG = "liveness.heartbeat_interval_s"
+SLURM_JOB_TAG = "liveness.slurm_job"  # the SLURM job running the process (``<array>_<task>`` for an array task)
+SLURM_CLUSTER_TAG = "liveness.slurm_cluster"  # its cluster's ClusterName
 REAPED_TAG = "liveness.reaped"  # why the run was marked KILLED
 REAPED_BY_TAG = "liveness.reaped_by"  # which process marked it, and when
 
