@@ -6,7 +6,8 @@ array task in its own process.
   (one miss, then a hit), the thread count what SLURM granted, and a job reproduced bit for bit;
 - a job cancelled with ``scancel`` while it trains: its run is left RUNNING (its process was killed), the
   next ``ablate`` marks it KILLED, and the same command again trains exactly the missing job;
-- an Optuna search whose trials are SLURM jobs, its study in PostgreSQL: exactly ``n_trials`` trials.
+- an Optuna search whose trials are SLURM jobs, its study in PostgreSQL: exactly ``n_trials`` trials;
+- the reaper seen from another node: a run whose SLURM job ended is KILLED at once, a running one not.
 
 Kept cheap: 32-pixel images, one epoch per phase, no gap measurement; the cluster starts in ~2 s."""
 
@@ -21,11 +22,11 @@ from pathlib import Path
 import optuna
 import pytest
 
+from finetune_ablation import liveness, reaper, tracking
 from finetune_ablation import record as rec
-from finetune_ablation import tracking
 
 from . import servers
-from .helpers import FAST, history, new_store, run_ablate, runs
+from .helpers import FAST, THREAD_SENSITIVE, history, new_store, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
 WAIT_S = 600  # generous: a shared 2-core machine can be many times slower than CI
@@ -87,7 +88,7 @@ def test_a_study_on_slurm_groups_its_jobs_shares_phase1_and_reproduces(tmp_path,
         tmp_path,
         f"data.dir={image_dir}",
         f"tracking.uri={uri}",
-        "train.fine_tune_lr=0.0001,0.001",  # phase 2 only: both jobs share phase 1
+        f"{THREAD_SENSITIVE},150",  # phase 2 only: both jobs share phase 1
         *("cache.phase1=true", f"cache.dir={tmp_path / 'cache'}"),
     )
     started = time.monotonic()
@@ -112,17 +113,18 @@ def test_a_study_on_slurm_groups_its_jobs_shares_phase1_and_reproduces(tmp_path,
     first, second = (history(uri, c.info.run_id, "val_accuracy")[0] for c in children)
     assert first == second
 
-    # the job that loaded its phase 1 reproduces bit for bit in one plain process (phase 1 trained again,
-    # with the job's one thread where this process alone would use every core)
-    hit = next(c for c in children if c.data.tags[rec.PHASE1_CACHE_TAG] == "hit")
+    # the whole-base job reproduces bit for bit in one plain process (phase 1 trained again, with the job's
+    # one thread where this process alone would use every core: tests/test_engines.py shows that the count
+    # changes this job's bits)
+    deep = next(c for c in children if c.data.params["model.fine_tune_at"] == "0")
     exe = Path(sys.executable).with_name("ablate-reproduce")
     again = subprocess.run(
-        [str(exe), hit.info.run_id, "--tracking-uri", uri], capture_output=True, text=True, timeout=WAIT_S
+        [str(exe), deep.info.run_id, "--tracking-uri", uri], capture_output=True, text=True, timeout=WAIT_S
     )
     assert again.returncode == 0 and "match" in again.stdout, again.stdout[-2000:] + again.stderr[-3000:]
-    (copy,) = (r for r in runs(uri) if r.data.tags.get(rec.REPRODUCED_TAG) == hit.info.run_id)
+    (copy,) = (r for r in runs(uri) if r.data.tags.get(rec.REPRODUCED_TAG) == deep.info.run_id)
     assert copy.data.params["threads"] == "1" and copy.data.metrics[rec.REPRODUCE_DIFF_METRIC] == 0.0
-    assert copy.data.tags[rec.WEIGHTS_DIGEST_TAG] == hit.data.tags[rec.WEIGHTS_DIGEST_TAG]
+    assert copy.data.tags[rec.WEIGHTS_DIGEST_TAG] == deep.data.tags[rec.WEIGHTS_DIGEST_TAG]
 
 
 def _wait_for(condition, proc: subprocess.Popen, log: Path) -> None:
@@ -225,3 +227,48 @@ def test_an_optuna_search_runs_its_trials_as_slurm_jobs_with_an_exact_total(tmp_
     assert {t.user_attrs["mlflow_run_id"] for t in done} == {r.info.run_id for r in trial_runs}
     jobs = {r.data.tags[rec.SLURM_JOB_TAG] for r in trial_runs}
     assert len(jobs) == 3 and _ended_as(slurm, jobs, "COMPLETED")
+
+
+def _sbatch(cluster: servers.Slurm, folder: Path, command: str) -> str:
+    done = cluster.run("sbatch", "--parsable", "-o", str(folder / "%j.out"), "--wrap", command)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def test_the_reaper_asks_slurm_about_runs_on_another_node(slurm, tmp_path, monkeypatch):
+    """A run whose process is on another node (a compute node, seen from the login node) is judged by its
+    SLURM job: KILLED as soon as ``squeue`` says the job ended, left alone while it runs or when the
+    run names another cluster (its heartbeat is fresh, so only SLURM's answer can mark it)."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    running = _sbatch(slurm, tmp_path, "sleep 600")
+    completed = _sbatch(slurm, tmp_path, "true")
+    cancelled = _sbatch(slurm, tmp_path, "sleep 600")
+    try:
+        assert slurm.run("scancel", cancelled).returncode == 0
+        assert _ended_as(slurm, [completed], "COMPLETED") and _ended_as(slurm, [cancelled], "CANCELLED")
+        assert dict(slurm.jobs())[running] in ("PENDING", "RUNNING")
+
+        uri = new_store(tmp_path)
+        client = tracking.connect(uri)
+        experiment = tracking.ensure_experiment(client, uri, "elsewhere")
+        elsewhere = {**liveness.process_tags(), rec.HOST_TAG: "compute-node-7", rec.PID_TAG: "4242"}
+
+        def run_of(job: str, cluster: str = "ablate-test") -> str:
+            tags = {**elsewhere, rec.SLURM_JOB_TAG: job, rec.SLURM_CLUSTER_TAG: cluster}
+            return client.create_run(experiment, tags=tags).info.run_id
+
+        ids = {
+            "running": run_of(running),
+            "completed": run_of(completed),
+            "cancelled": run_of(cancelled),
+            "other cluster": run_of(completed, cluster="another-cluster"),
+        }
+        reaped = reaper.reap(client)
+    finally:
+        slurm.run("scancel", running)
+    assert reaped == {
+        ids["completed"]: f"SLURM job {completed} is COMPLETED (process 4242 on compute-node-7)",
+        ids["cancelled"]: f"SLURM job {cancelled} is CANCELLED (process 4242 on compute-node-7)",
+    }
+    states = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert states == {"running": "RUNNING", "completed": "KILLED", "cancelled": "KILLED", "other cluster": "RUNNING"}

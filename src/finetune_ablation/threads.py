@@ -1,7 +1,7 @@
 """How many threads TensorFlow uses in one job, decided from what the engine granted the job.
 
 The thread count changes the last float bits of a run (TensorFlow splits its reductions over its
-intra-op pool; docs/stack-facts.md T3), so it is part of the run record: ``threads`` holds the count
+intra-op pool; docs/stack-facts.md T2), so it is part of the run record: ``threads`` holds the count
 the job really used (logged in its config and params, with the tag ``threads.granted_by`` saying where
 it came from), the phase-1 cache keys on it, and ``ablate-reproduce`` runs with it. It is not part of
 resume's config hash nor a report factor (``config.Role.execution``): runs that differ only in it
@@ -108,7 +108,8 @@ def settle(grant: Grant) -> Grant:
     real = apply(grant.threads)
     if real == grant.threads:
         return grant
-    return Grant(real, f"{real}: TensorFlow already ran in this process with {real} (wanted {grant.granted_by})")
+    wanted = f"{grant.threads} from {grant.granted_by}"
+    return Grant(real, f"{real}: TensorFlow already ran in this process with {real} (wanted {wanted})")
 
 
 def with_threads(cfg: DictConfig, grant: Grant) -> DictConfig:
