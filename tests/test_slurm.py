@@ -166,7 +166,12 @@ def test_a_job_cancelled_with_scancel_is_reaped_and_the_relaunch_trains_only_it(
             proc.kill()
             proc.wait()
     print(f"sweep with one job cancelled: {time.monotonic() - started:.1f} s")
-    assert proc.returncode != 0  # a job of the sweep did not finish
+    # a job of the sweep did not finish: one line says so and what to do, no traceback
+    said = log.read_text()
+    assert proc.returncode == 1 and "Traceback" not in said, said[-4000:]
+    assert f"error: SLURM job {job} (task: 0) ended CANCELLED without a result" in said
+    first_parent, _ = _parent_and_children(uri)
+    assert (first_parent.info.status, first_parent.data.tags["sweep.failed"]) == ("FAILED", "1")
     assert _ended_as(slurm, [job], "CANCELLED")
     # MLflow never learns of it: the run stays RUNNING while its process is gone
     assert mlflow_status(uri, victim.info.run_id) == "RUNNING"
