@@ -108,14 +108,15 @@ def test_a_run_description_leads_with_chance_then_the_interval():
     )
     text = run_description(summary, 0.5, (0.2, 0.8), 8, 0.5)
     lines = [line for line in text.splitlines() if line]
-    assert lines[0] == "**AT CHANCE: val_accuracy 0.500 ...**"
-    assert lines[1].startswith("**val_accuracy 0.500**, 95% interval 0.200–0.800 over 8 validation images")
+    assert lines[0] == "AT CHANCE: val_accuracy 0.500 ..."
+    assert lines[1].startswith("val_accuracy 0.500, 95% interval 0.200–0.800 over 8 validation images")
     assert lines[2:] == ["- phase 1, epoch 2 (step 1): a", "- phase 2, epoch 4 (step 3): b", "_lag = x_"]
 
 
 def test_the_report_summary_keeps_the_first_section_and_serves_its_figures():
     md = "# Report\n\nintro\n\n## Why\n\nverdicts\n\n![gap decomposition](gap_decomposition.png)\n\n## Factors\n\nmore"
     text = report_description(md, "abc")
+    assert text.startswith("Report\n\nintro")
     assert "intro" in text and "verdicts" in text and "more" not in text
     assert "![gap decomposition](get-artifact?path=report/gap_decomposition.png&run_uuid=abc)" in text
 
@@ -208,6 +209,7 @@ def test_descriptions_carry_the_finding_and_the_question(smoke):
     uri, parent, children, _ = smoke
     client = mlflow.MlflowClient(uri)
     note = parent.data.tags[rec.DESCRIPTION_TAG]
+    assert note.startswith("Study smoke (experiments/smoke.yaml): ")
     assert study_question("smoke").split(".")[0] in note  # the header of experiments/smoke.yaml
     assert "dropout" in note and "No replicates" in note
     assert f"ablate-report --parent-run {parent.info.run_id}" in note
@@ -216,7 +218,7 @@ def test_descriptions_carry_the_finding_and_the_question(smoke):
         m, p = child.data.metrics, child.data.params
         n_val = sum(int(v) for k, v in p.items() if k.startswith(rec.VAL_COUNT_PARAM_PREFIX) and k[-6:] != ".total")
         first = text.split("\n\n")[0 if child.data.tags[rec.AT_CHANCE_TAG] == "false" else 1]
-        assert first.startswith(f"**val_accuracy {m['val_accuracy']:.3f}**, 95% interval ")
+        assert first.startswith(f"val_accuracy {m['val_accuracy']:.3f}, 95% interval ")
         assert f"over {n_val} validation images" in first
         assert f"{m['val_accuracy_ci_low']:.3f}–{m['val_accuracy_ci_high']:.3f}" in first
         assert "- phase 2, epoch 2 (step 1): " in text
@@ -269,6 +271,6 @@ def test_the_report_replaces_the_parents_description_with_its_summary(smoke):
     report_app.main(["--parent-run", parent.info.run_id, "--tracking-uri", uri, "--out", str(tmp / "report")])
     note = mlflow.MlflowClient(uri).get_run(parent.info.run_id).data.tags[rec.DESCRIPTION_TAG]
     report = (tmp / "report" / "report.md").read_text()
-    assert note.startswith(report.split("\n\n")[0])  # the report's own first lines
+    assert note.startswith(report.split("\n\n")[0].removeprefix("# "))  # the report's own title, plain
     assert "## Factors" not in note
     assert "report/report.md" in note

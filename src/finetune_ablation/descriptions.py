@@ -68,16 +68,17 @@ def run_description(
 ) -> str:
     """A run's description: ``gap_summary.txt`` (the at-chance warning, when there is one, stays first) and
     the final validation accuracy with its 95% interval. Lines of the summary that describe a phase become
-    a list, its other lines paragraphs (the legend in italics)."""
+    a list, its other lines paragraphs (the legend in italics). The first line is plain text: the runs
+    table's Description column shows it raw."""
     low, high = interval
     interval_line = (
-        f"**val_accuracy {val_accuracy:.3f}**, 95% interval {low:.3f}–{high:.3f} over {val_count} validation "
+        f"val_accuracy {val_accuracy:.3f}, 95% interval {low:.3f}–{high:.3f} over {val_count} validation "
         f"images (majority-class rate {majority:.3f})"
     )
     lines = [line.strip() for line in summary.strip().splitlines() if line.strip()]
     out: list[str] = []
     if lines and lines[0].upper().startswith("AT CHANCE"):
-        out += [f"**{lines.pop(0)}**", ""]
+        out += [lines.pop(0), ""]
     out += [interval_line, ""]
     phases = [line for line in lines if line.startswith("phase ")]
     out += [f"- {line}" for line in phases]
@@ -107,9 +108,8 @@ def design_line(varied: Mapping[str, list[str]], data_seed_follows_seed: bool) -
     factors = {k: v for k, v in varied.items() if k not in seeds}
     replicates = {k: v for k, v in varied.items() if k in seeds}
     sizes = [len(v) for v in varied.values()]
-    total = f"{_product(sizes)} runs" if sizes and all(sizes) else "runs"
     grid = " × ".join(f"`{k}` ({_listed(v)})" for k, v in factors.items()) or "no factor"
-    line = f"**Design**: {total}: {grid}"
+    line = f"**Design**: {_product(sizes)} runs: {grid}" if sizes and all(sizes) else f"**Design**: {grid}"
     if not replicates:
         return (
             f"{line}. **No replicates**: one run per setting, so `ablate-report` can give no interval; add "
@@ -134,9 +134,10 @@ def _product(sizes: Iterable[int]) -> int:
 
 
 def sweep_description(study: str | None, command: str, design: str, parent_id: str) -> str:
-    """A sweep parent's description until a report replaces it: question, design, how to get the answer."""
+    """A sweep parent's description until a report replaces it: question, design, how to get the answer. The
+    first line is plain text (the runs table's Description column shows it raw)."""
     question = study_question(study)
-    parts = [f"**The study** (`experiments/{study}.yaml`): {question}" if question else "**An ad-hoc sweep.**"]
+    parts = [f"Study {study} (experiments/{study}.yaml): {question}" if question else "An ad-hoc sweep."]
     parts += [
         design,
         f"**Command**: `{command}`",
@@ -149,7 +150,8 @@ def sweep_description(study: str | None, command: str, design: str, parent_id: s
 
 def report_description(report_markdown: str, parent_id: str, report_dir: str = rec.REPORT_DIR) -> str:
     """The report's summary as a sweep parent's description: the report up to its second section (the
-    counts, the replicate design and the gap's verdicts), its figures served from the parent's artifacts."""
+    counts, the replicate design and the gap's verdicts), its figures served from the parent's artifacts,
+    its title as the plain first line."""
     kept: list[str] = []
     sections = 0
     for line in report_markdown.splitlines():
@@ -158,7 +160,7 @@ def report_description(report_markdown: str, parent_id: str, report_dir: str = r
             if sections == 2:
                 break
         kept.append(line)
-    text = "\n".join(kept).strip()
+    text = re.sub(r"^# ", "", "\n".join(kept).strip())  # the title as plain text: the runs table shows it raw
     text = re.sub(
         r"!\[([^\]]*)\]\(([^)/:]+\.png)\)",
         lambda m: artifact_image(parent_id, f"{report_dir}/{m.group(2)}", m.group(1)),
