@@ -114,10 +114,12 @@ def test_a_run_description_leads_with_chance_then_the_interval():
 
 
 def test_the_report_summary_keeps_the_first_section_and_serves_its_figures():
-    md = "# Report\n\nintro\n\n## Why\n\nverdicts\n\n![gap decomposition](gap_decomposition.png)\n\n## Factors\n\nmore"
+    md = "# Report\n\nintro\n\n## Why\n\n- total: +4.5 points [-8.4, +17.3] (n=4)\n\n"
+    md += "![gap decomposition](gap_decomposition.png)\n\n## Factors\n\nmore"
     text = report_description(md, "abc")
     assert text.startswith("Report\n\nintro")
-    assert "intro" in text and "verdicts" in text and "more" not in text
+    assert "intro" in text and "more" not in text
+    assert r"+4.5 points \[-8.4, +17.3\] (n=4)" in text  # an interval, not a Markdown link
     assert "![gap decomposition](get-artifact?path=report/gap_decomposition.png&run_uuid=abc)" in text
 
 

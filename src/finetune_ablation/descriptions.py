@@ -166,6 +166,8 @@ def report_description(report_markdown: str, parent_id: str, report_dir: str = r
         lambda m: artifact_image(parent_id, f"{report_dir}/{m.group(2)}", m.group(1)),
         text,
     )
+    # "[-8.4, +17.3] (n=4)" is an interval, not a link: Markdown renderers (MLflow's too) would make it one
+    text = re.sub(r"(?<!!)\[([^\]]*)\](\s+\()", r"\\[\1\\]\2", text)
     more = f"the whole report: artifact {report_dir}/report.md"
     return _capped(f"{text}\n\n_The whole report: artifact `{report_dir}/report.md`._", more)
 
