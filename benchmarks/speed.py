@@ -231,9 +231,9 @@ def frozen_input_bytes(image_size: int) -> dict[str, int]:
     import numpy as np
 
     from finetune_ablation.config import AugmentConfig, ModelConfig
+    from finetune_ablation.gap.passes import FrozenBottom
     from finetune_ablation.run.augment import build_augmentation
     from finetune_ablation.run.model import build_classifier, load_base, unfreeze_top
-    from finetune_ablation.run.passes import FrozenBottom
 
     model_cfg = ModelConfig(weights=None)
     base = load_base(model_cfg, image_size)

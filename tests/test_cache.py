@@ -218,10 +218,11 @@ def test_the_plan_computes_once_exactly_what_is_frozen_and_deterministic(monkeyp
     import keras
 
     from finetune_ablation.config import AugmentConfig, ModelConfig
+    from finetune_ablation.gap.layers import has_random_layers
+    from finetune_ablation.gap.passes import MeasuringPasses
     from finetune_ablation.run import feature_cache
     from finetune_ablation.run.augment import build_augmentation
-    from finetune_ablation.run.model import build_classifier, freeze_base, has_random_layers, load_base, unfreeze_top
-    from finetune_ablation.run.passes import MeasuringPasses
+    from finetune_ablation.run.model import build_classifier, freeze_base, load_base, unfreeze_top
 
     def classifier(name: str, architecture: str, augment: AugmentConfig):
         cfg = ModelConfig(name=name, architecture=architecture, alpha=None, weights=None)
@@ -262,7 +263,7 @@ def test_the_plan_computes_once_exactly_what_is_frozen_and_deterministic(monkeyp
     unfreeze_top(augmented.base, 100, freeze_bn=False)
     every_epoch = feature_cache.plan(augmented, 32, 8)
     assert (every_epoch.stage, every_epoch.cut, every_epoch.every_epoch) == ("bottom", bottom.cut, True)
-    per_image = MeasuringPasses.of(augmented).frozen_bottom(bottom.cut).bytes_per_image
+    per_image = MeasuringPasses.of(augmented.model).frozen_bottom(bottom.cut).bytes_per_image
     monkeypatch.setattr(feature_cache, "BUDGET_BYTES", per_image * (32 + 8))  # both splits once, no more
     assert feature_cache.plan(augmented, 32, 8).stage is None
     unfreeze_top(mobilenet.base, 100, freeze_bn=False)

@@ -52,7 +52,7 @@ def test_epoch_line_without_gap_measurement_leaves_the_gap_out():
 
 def test_a_difference_that_rounds_to_zero_is_written_plus_zero_everywhere():
     """Two equal accuracies subtract to -1e-9 in float32; no page says "lag -0.0"."""
-    from finetune_ablation.run.diagnostics import gap_sentence
+    from finetune_ablation.gap.sentence import gap_sentence
 
     row = {"gap/total": 0.044, "gap/augmentation": 0.069, "gap/split": -0.037, "gap/dropout": 0.012}
     row |= {"gap/lag": -1e-9, "gap/batchnorm": 0.0}

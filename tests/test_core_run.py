@@ -17,7 +17,7 @@ from PIL import Image
 
 from finetune_ablation import record as rec
 from finetune_ablation.cli import run_job
-from finetune_ablation.run.diagnostics import wilson_interval
+from finetune_ablation.gap.decomposition import wilson_interval
 
 from .helpers import artifact_text, history, make_cfg, new_store, runs
 from .test_measurement import independent_passes, read_split

@@ -196,26 +196,32 @@ def test_measuring_passes_are_traced_once_per_run_and_the_cut_is_exact(image_dir
     except the training-mode pass, which depends on which BatchNorm layers are trainable. In phase 2
     the base is cut below its first trainable layer; at MobileNetV2's layer 100 two tensors cross the
     cut (the residual add's other input), and bottom-then-top computes exactly Keras's own call of the whole base."""
+    from finetune_ablation.gap.meter import GapMeter
+    from finetune_ablation.gap.passes import MeasuringPasses
+    from finetune_ablation.gap.scoring import Scorer
     from finetune_ablation.run.augment import build_augmentation
     from finetune_ablation.run.data import load_datasets
-    from finetune_ablation.run.diagnostics import GapMeter
     from finetune_ablation.run.model import build_classifier, freeze_base, load_base, unfreeze_top
-    from finetune_ablation.run.passes import MeasuringPasses
 
     cfg = make_cfg(image_dir, tracking_uri, "model.freeze_bn=false", "augment=standard")
     data = load_datasets(cfg.data)
     base = load_base(cfg.model, cfg.data.image_size)
     clf = build_classifier(cfg.model, base, build_augmentation(cfg.augment, SEED), 2, cfg.data.image_size)
+    scorer = Scorer(
+        "accuracy",
+        lambda y, logits: keras.metrics.binary_accuracy(y, logits, threshold=0.0),
+        keras.losses.BinaryCrossentropy(from_logits=True).call,
+    )
     freeze_base(base)
-    phase1 = GapMeter(clf, data.train_in_order, SEED)
+    phase1 = GapMeter(clf.model, data.train_in_order, SEED)
     for epoch in (0, 1):
-        phase1.measure(epoch)
+        phase1.measure(epoch, scorer)
     unfreeze_top(base, 100, freeze_bn=False)
-    phase2 = GapMeter(clf, data.train_in_order, SEED)
+    phase2 = GapMeter(clf.model, data.train_in_order, SEED)
     for epoch in (2, 3):
-        phase2.measure(epoch)
+        phase2.measure(epoch, scorer)
 
-    passes = MeasuringPasses.of(clf)
+    passes = MeasuringPasses.of(clf.model)
     assert phase1.passes is passes and phase2.passes is passes
     split = passes.split()
     traced = {

@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from finetune_ablation.cli import run_job
+from finetune_ablation.gap.decomposition import COMPONENTS
 from finetune_ablation.report import app as report
 from finetune_ablation.report import stats as rs
-from finetune_ablation.run.diagnostics import COMPONENTS
 from finetune_ablation.tracking import ensure_experiment
 
 from .helpers import make_cfg, new_store, runs

@@ -14,11 +14,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
+from finetune_ablation.gap.decomposition import COMPONENTS
 from finetune_ablation.report import app as report
 from finetune_ablation.report import design as rd
 from finetune_ablation.report import plots as report_plots
 from finetune_ablation.report import stats as rs
-from finetune_ablation.run.diagnostics import COMPONENTS
 
 from .test_report import TOL, _wilson_by_hand
 

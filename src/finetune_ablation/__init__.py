@@ -7,9 +7,12 @@ Three applications share one run record:
 - ``report/`` (``ablate-report``): a study's runs compared with error bars.
 - ``reproduce/`` (``ablate-reproduce``): a logged run run again and compared epoch by epoch.
 
+``gap/`` is the measurement itself, for any Keras model: ``ablate`` uses it through the same public
+``GapCallback`` a notebook uses (it imports neither Hydra nor MLflow).
+
 Shared by all three: ``record`` (every name of the run record), ``config`` (the schema and each key's
 role), ``tracking``/``store``/``runstore`` (MLflow plumbing), ``liveness``/``reaper`` (runs whose process
 died), ``console``, ``paths``, ``errors``, ``fingerprints``. ``sweeper_api`` is the Optuna plugin's one
-door into the app; ``pretrain``/``demo_data``/``bases`` make the offline demo."""
+door into the app; ``pretrain``/``demo_data`` make the offline demo, ``demo_base``/``bases`` ship it."""
 
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ def weights_file(weights: str | None) -> Path | None:
     if weights in (None, "imagenet"):
         return None
     if weights == "demo":
-        from .pretrain import demo_weights_path
+        from .demo_base import demo_weights_path
 
         return Path(demo_weights_path())
     return Path(weights).expanduser()

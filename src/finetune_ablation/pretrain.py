@@ -35,12 +35,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .demo_base import BASES_DIR, CARD_NAME, WEIGHTS_NAME
 from .demo_data import TEXTURES, background, paint, texture, to_image
 from .fingerprints import file_sha256
 
-BASES_DIR = Path(__file__).resolve().parent / "bases"
-WEIGHTS_NAME = "demo_base.weights.h5"
-CARD_NAME = "demo_base.json"
 SHAPES = ("triangle", "arrow", "tee", "ell", "lollipop", "crescent")
 ORIENTATIONS = ("up", "right", "down", "left")  # where the shape points, give or take 20 degrees
 SOURCE_CLASSES = tuple(f"{shape}/{where}" for shape in SHAPES for where in ORIENTATIONS)
@@ -144,7 +142,8 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     import keras
     import tensorflow as tf
 
-    from .run.model import batchnorm_layers, calibrate_batchnorm, compile_for_fit
+    from .gap.layers import batchnorm_layers
+    from .run.model import calibrate_batchnorm, compile_for_fit
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.seed)
@@ -220,33 +219,6 @@ def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:
     }
     (out_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return card
-
-
-def demo_weights_path() -> str:
-    """The shipped demo base's weights file (``model.weights=demo``)."""
-    return str(BASES_DIR / WEIGHTS_NAME)
-
-
-def demo_card(bases_dir: Path = BASES_DIR) -> dict:
-    return json.loads((bases_dir / CARD_NAME).read_text())
-
-
-def log_card(card: dict) -> None:
-    """Record which offline base a run used: the card as an artifact, its identity as tags."""
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return
-    mlflow.log_dict(card, "base_card.json")
-    mlflow.set_tags(
-        {
-            "base.name": card["name"],
-            "base.sha256": card["sha256"],
-            "base.source_val_accuracy": str(card["source_val_accuracy"]),
-            "base.seed": str(card["seed"]),
-            "base.epochs": str(card["epochs"]),
-        }
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

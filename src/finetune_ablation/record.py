@@ -125,7 +125,7 @@ LEARNING_RATE = "learning_rate"
 GAP_PREFIX = "gap/"  # the gap in accuracy and its components
 GAP_LOSS_PREFIX = "gap_loss/"  # the same in loss
 GAP_TOTAL = f"{GAP_PREFIX}total"
-# The telescoping gap components, in the order the measurement removes them (diagnostics.COMPONENTS).
+# The telescoping gap components, in the order the measurement removes them (gap/decomposition.py COMPONENTS).
 GAP_COMPONENTS = ("lag", "batchnorm", "dropout", "augmentation", "split")
 VAL_MAJORITY_RATE = "val_majority_rate"  # once, at the end
 BEST_VAL_ACCURACY = "best_val_accuracy"  # on a sweep's parent

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 import keras
 import tensorflow as tf
 
+from ..gap.layers import has_random_layers
+from ..gap.meter import Stage
+from ..gap.passes import FrozenBottom, MeasuringPasses, as_list
 from .augment import augments
 from .data import Datasets
-from .model import Classifier, has_random_layers
-from .passes import FrozenBottom, MeasuringPasses, as_list
+from .model import Classifier
 
 BUDGET_BYTES = 1 << 30  # both splits' frozen inputs (and, with augmentation, one epoch's), float32
-Stage = Literal["pooled", "bottom"]
 
 
 def why_base_varies(base: keras.Model) -> str | None:
@@ -71,7 +71,7 @@ def plan(clf: Classifier, train_count: int, val_count: int) -> Plan:
     cut = FrozenBottom.cut_of(clf.base)
     if cut is None or not any(layer.weights for layer in clf.base.layers[:cut]):
         return Plan(None, f"no layer with weights of {clf.base.name} is frozen below the first that trains")
-    per_image = MeasuringPasses.of(clf).frozen_bottom(cut).bytes_per_image
+    per_image = MeasuringPasses.of(clf.model).frozen_bottom(cut).bytes_per_image
     kept = per_image * (train_count * (2 if every_epoch else 1) + val_count)
     megabytes = kept / 2**20
     below = f"layers 0-{cut - 1} of {clf.base.name} (below {clf.base.layers[cut].name})"
@@ -131,7 +131,7 @@ def _computed_once(forward, batches: tf.data.Dataset) -> tf.data.Dataset:
 
 def _head_model(clf: Classifier, the_plan: Plan) -> tuple[keras.Model, object]:
     """The part of the classifier above the frozen inputs, and the traced pass that computes them."""
-    passes = MeasuringPasses.of(clf)
+    passes = MeasuringPasses.of(clf.model)
     if the_plan.stage == "pooled":
         inputs = keras.Input(shape=clf.pooled_shape, name="pooled_features")
         return keras.Model(inputs, clf.head(clf.dropout(inputs)), name="head_on_features"), passes.features_infer

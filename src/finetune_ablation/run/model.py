@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..gap.layers import batchnorm_layers, copy_values, moving_statistics, walk_layers
 
 # What keras.applications' ``preprocess_input`` computes, by the ``mode`` of imagenet_utils it calls: the
 # ImageNet channel means and standard deviations of the "torch" and "caffe" modes (caffe's in BGR order).
@@ -99,17 +100,10 @@ class Classifier:
     dropout: keras.layers.Dropout
     head: keras.layers.Dense
     bn_training: bool | None
-    # the gap measurement's traced passes (passes.MeasuringPasses), built on first use and living as long
-    # as the classifier: one trace per run, and nothing kept once a run's model is dropped
-    measuring_passes: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def binary(self) -> bool:
         return self.head.units == 1
-
-    def pooled_features(self, images, training: bool):
-        """preprocess -> base -> pooling: what the dropout and logits layers see."""
-        return self.pool(self.base(self.preprocess(images), training=training))
 
     @property
     def pooled_shape(self) -> tuple[int, ...]:
@@ -142,10 +136,10 @@ def _download_hint(exc: Exception) -> UserError:
 
 
 def _demo_weights(cfg: ModelConfig) -> str:
-    """``model.weights=demo``: the offline base shipped with the package (pretrain.py), checked against
+    """``model.weights=demo``: the offline base shipped with the package (demo_base.py), checked against
     its card; the card is logged with the run. Its weights fit any image size, not another width."""
+    from ..demo_base import BASES_DIR, WEIGHTS_NAME, demo_card, log_card
     from ..fingerprints import file_sha256
-    from ..pretrain import BASES_DIR, WEIGHTS_NAME, demo_card, log_card
 
     card = demo_card()
     if (cfg.name, cfg.architecture, cfg.alpha) != ("mobilenet_v2", card["architecture"], card["alpha"]):
@@ -217,34 +211,6 @@ def build_classifier(
     return Classifier(model, base, augmentation, preprocess, pool, dropout, head, cfg.bn_training)
 
 
-def walk_layers(layer: keras.layers.Layer):
-    """Every layer inside ``layer`` (depth first), nested models included."""
-    for child in getattr(layer, "layers", []):
-        yield child
-        yield from walk_layers(child)
-
-
-_RANDOM_LAYERS = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianDropout,
-    keras.layers.GaussianNoise,
-    keras.layers.AlphaDropout,
-)
-
-
-def has_random_layers(layer: keras.layers.Layer) -> bool:
-    """Whether a training-mode pass draws random numbers inside ``layer`` (e.g. EfficientNet's
-    stochastic-depth dropout; MobileNetV2 has none). Freezing does not switch these off."""
-    return any(isinstance(child, _RANDOM_LAYERS) for child in walk_layers(layer))
-
-
-def batchnorm_layers(base: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [layer for layer in walk_layers(base) if isinstance(layer, keras.layers.BatchNormalization)]
-
-
 def calibrate_batchnorm(base: keras.Model, preprocess: keras.layers.Layer, images: np.ndarray) -> None:
     """Set every BN moving mean/variance to the statistics of ``images`` (one training-mode pass with
     momentum 0). A randomly initialised base (``weights=null``) has moving statistics (0, 1) that do
@@ -298,29 +264,6 @@ def compile_for_fit(model: keras.Model, optimizer: keras.optimizers.Optimizer, l
     numbers, twice the trace; docs/stack-facts.md K11)."""
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
     model.optimizer.build(model.trainable_variables)
-
-
-def copy_values(variables) -> list[np.ndarray]:
-    """Copies of the variables' current values (to restore them, compare them or store them)."""
-    return [np.array(v.numpy(), copy=True) for v in variables]
-
-
-def assign_values(variables, values: list[np.ndarray]) -> None:
-    """Put values saved by ``copy_values`` back into the same variables."""
-    for variable, value in zip(variables, values, strict=True):
-        variable.assign(value)
-
-
-def moving_statistics(model: keras.Model) -> list:
-    """Every BN's moving mean and variance: what a trainable BN writes in training mode."""
-    return [v for bn in batchnorm_layers(model) for v in (bn.moving_mean, bn.moving_variance)]
-
-
-def forward_state(model: keras.Model) -> list:
-    """The variables a forward pass can write: the BN moving statistics and every random layer's seed
-    state. Weights change only through an optimizer, so restoring these undoes any pass, at 107 of the
-    265 variables of a MobileNetV2 classifier."""
-    return moving_statistics(model) + [v for v in model.variables if "seed_generator_state" in v.path]
 
 
 def bn_moving_stats(base: keras.Model) -> list[np.ndarray]:

@@ -31,10 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import CacheConfig, Role, schema_of, without_roles
 from ..fingerprints import code_sha256, file_sha256, weights_file
+from ..gap.layers import assign_values, copy_values
 from ..paths import MLRUNS_DIR
 from ..record import MAX_TAG_LENGTH, PHASE1_CACHE_WARNING_TAG
 from ..tracking import package_versions
-from .model import assign_values, copy_values
 
 log = logging.getLogger("finetune_ablation")
 
@@ -72,7 +72,7 @@ def phase1_key(cfg: DictConfig, data_fingerprint: str) -> str:
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
     inputs = without_roles(container, NOT_IN_PHASE1_KEY, schema_of(cfg))
-    path = weights_file(cfg.model.weights)  # demo: the base shipped with the package (pretrain.py)
+    path = weights_file(cfg.model.weights)  # demo: the base shipped with the package (demo_base.py)
     if path is not None:
         inputs["model"]["weights"] = f"file:{file_sha256(path)}"
     inputs["data"]["fingerprint"] = data_fingerprint

@@ -1,8 +1,6 @@
-"""Figures logged with every run: learning curves with the phase boundary, and the gap decomposition."""
+"""The learning curves logged with every run, with the phase boundary (the gap figure is gap/plot.py)."""
 
 from __future__ import annotations
-
-from textwrap import fill
 
 import matplotlib
 
@@ -10,22 +8,7 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .. import record as rec
-from .diagnostics import COMPONENTS
-
-_COLOURS = {
-    "lag": "tab:gray",
-    "batchnorm": "tab:purple",
-    "dropout": "tab:orange",
-    "augmentation": "tab:green",
-    "split": "tab:blue",
-}
-
-
-def _mark_phase_boundary(ax: plt.Axes, history: pd.DataFrame) -> None:
-    phase2 = history[history["phase"] == 2]
-    if not phase2.empty:
-        ax.axvline(phase2["epoch"].min() - 0.5, color="black", linestyle=":", label="fine-tuning starts")
+from ..gap.plot import mark_phase_boundary
 
 
 def learning_curves(history: pd.DataFrame) -> plt.Figure:
@@ -41,47 +24,10 @@ def learning_curves(history: pd.DataFrame) -> plt.Figure:
         if column in history:
             loss_ax.plot(history["epoch"], history[column], style, label=column, markersize=4)
     for ax, title in ((acc_ax, "accuracy"), (loss_ax, "loss")):
-        _mark_phase_boundary(ax, history)
+        mark_phase_boundary(ax, history)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return fig
-
-
-def gap_chart(history: pd.DataFrame, warning: str | None = None) -> plt.Figure:
-    """Stacked bars of the gap components per epoch (positive up, negative down), total marked; an
-    at-chance ``warning`` goes first, above the title, in red."""
-    last = rec.gap_metric(rec.GAP_COMPONENTS[-1])
-    measured = history.dropna(subset=[rec.GAP_TOTAL, last]) if last in history else history.iloc[0:0]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(measured) + 3), 4.5))
-    epochs = measured["epoch"].to_numpy()
-    up = [0.0] * len(measured)
-    down = [0.0] * len(measured)
-    for component in COMPONENTS:
-        values = (100 * measured[rec.gap_metric(component)]).to_list()
-        bottoms = [u if v >= 0 else d for v, u, d in zip(values, up, down, strict=True)]
-        ax.bar(epochs, values, bottom=bottoms, color=_COLOURS[component], label=component, width=0.7)
-        up = [u + max(v, 0) for v, u in zip(values, up, strict=True)]
-        down = [d + min(v, 0) for v, d in zip(values, down, strict=True)]
-    ax.plot(
-        epochs,
-        100 * measured[rec.GAP_TOTAL],
-        "k_",
-        markersize=22,
-        markeredgewidth=2.5,
-        label="total (val - train)",
-    )
-    ax.axhline(0, color="black", linewidth=0.8)
-    _mark_phase_boundary(ax, history)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy points (validation - training)")
-    ax.set_title("Why validation beats training: the gap, decomposed")
-    if warning:
-        ax.set_title("AT CHANCE: these components are noise\n" + ax.get_title(), color="tab:red")
-        fig.text(0.01, 0.01, fill(warning, 110), fontsize=7, color="tab:red", va="bottom")
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout(rect=(0, 0.12 if warning else 0, 1, 1))
     return fig

@@ -24,10 +24,13 @@ from .. import record as rec
 from ..config import DiagnosticsLevel
 from ..console import print_epoch
 from ..descriptions import run_description
+from ..gap.callback import GapCallback, Precomputed
+from ..gap.decomposition import chance_warning, majority_rate, wilson_interval
+from ..gap.plot import gap_chart
+from ..gap.sentence import gap_summary
 from . import feature_cache
 from .augment import build_augmentation
 from .data import Datasets, load_datasets
-from .diagnostics import GapDiagnostics, GapMeter, chance_warning, gap_summary, majority_rate, wilson_interval
 from .epoch_logger import EpochLogger
 from .feature_cache import FrozenInputs
 from .freed_memory import ReturnFreedMemory
@@ -46,7 +49,7 @@ from .model import (
     unfreeze_top,
 )
 from .phase1_cache import Phase1Cache, Phase1State, cache_dir, phase1_key
-from .plots import gap_chart, learning_curves
+from .plots import learning_curves
 from .recorder import MlflowRecorder, Recorder
 from .split_datasets import split_datasets
 
@@ -171,14 +174,22 @@ def _run_phase(
     compile_fresh(model, clf.binary, learning_rate)
     summary = {k: float(v) for k, v in trainable_summary(clf).items()}
     report = trainable_report(clf)
-    last_epoch = first_epoch + epochs - 1
     callbacks: list[keras.callbacks.Callback] = []
     if measuring:
         epoch_batches = inputs.epoch_batches if inputs else None
         if epoch_batches is not None:
             callbacks.append(epoch_batches)  # empties itself as each epoch begins
-        meter = GapMeter(clf, source.train_in_order, cfg.seed, inputs.stage if inputs else None, epoch_batches)
-        callbacks.append(GapDiagnostics(meter, cfg.diagnostics.level, last_epoch, len(data.val_files)))
+        # the notebook's callback; on frozen inputs fit trains the top on them, and the whole model is measured
+        callbacks.append(
+            GapCallback(
+                source.train_in_order,
+                validation_size=len(data.val_files),
+                seed=cfg.seed,
+                when="every_epoch" if cfg.diagnostics.level == DiagnosticsLevel.full else "last_epoch",
+                model=clf.model,
+                precomputed=Precomputed(inputs.stage, epoch_batches) if inputs else None,
+            )
+        )
     callbacks.append(EpochLogger(phase, rows, recorder))
     callbacks.append(ReturnFreedMemory())  # after the epoch's measuring and logging, before a caller's own
     callbacks.extend(extra_callbacks)

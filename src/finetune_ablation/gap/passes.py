@@ -1,7 +1,8 @@
-"""The traced forward passes the gap measurement runs (diagnostics.GapMeter), traced once per run.
+"""The traced forward passes the staged gap measurement runs (meter.GapMeter), traced once per model.
 
 Tracing a ``tf.function`` through MobileNetV2's 154 layers costs seconds, so the passes are built once
-per classifier and shared by every phase's meter. A traced graph bakes in what Keras reads at trace time:
+per model (on its ``parts.Parts``) and shared by every phase's meter. A traced graph bakes in what Keras
+reads at trace time:
 the inference-mode pass, the augmentation, the head passes and the "no BatchNorm" pass (every BN set
 non-trainable while it is traced) do not depend on which layers are trainable and are traced once; the
 training-mode pass does (a trainable BN normalises with batch statistics, a frozen one with its moving
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from .model import _RANDOM_LAYERS, Classifier, batchnorm_layers, walk_layers
+from .layers import is_dropout, walk_layers
+from .parts import Parts
 
 
 def _while_tracing(bns: list[keras.layers.BatchNormalization], attribute: str, value, trace):
@@ -48,7 +50,7 @@ def _varies(layer: keras.layers.Layer) -> bool:
     """Whether ``layer`` can compute something else in training mode than in inference mode, or change."""
     parts = [layer, *walk_layers(layer)]
     return bool(layer.trainable_weights) or any(
-        isinstance(p, _RANDOM_LAYERS) or (isinstance(p, keras.layers.BatchNormalization) and p.trainable) for p in parts
+        is_dropout(p) or (isinstance(p, keras.layers.BatchNormalization) and p.trainable) for p in parts
     )
 
 
@@ -85,27 +87,30 @@ class FrozenBottom:
 
 
 class MeasuringPasses:
-    """Every traced pass of one classifier; ``of(clf)`` returns the run's one instance (held by the
-    classifier itself, so it goes when the run's model goes)."""
+    """Every traced pass of one model; ``of(model)`` returns the model's one instance (held by its
+    ``Parts``, so it goes when the model goes)."""
 
     @classmethod
-    def of(cls, clf: Classifier) -> MeasuringPasses:
-        if clf.measuring_passes is None:
-            clf.measuring_passes = cls(clf)
-        return clf.measuring_passes
+    def of(cls, model: keras.Model) -> MeasuringPasses:
+        """Raises ``parts.NotStaged`` when the model cannot be cut into stages."""
+        parts = Parts.of(model)
+        if parts._measuring_passes is None:
+            parts._measuring_passes = cls(parts)
+        return parts._measuring_passes
 
-    def __init__(self, clf: Classifier):
-        self.clf = clf
-        self.bns = batchnorm_layers(clf.base)
-        size = clf.model.input_shape[1:]
+    def __init__(self, parts: Parts):
+        self.parts = parts
+        self.bns = parts.body_batchnorms
+        size = parts.model.input_shape[1:]
         # one trace per function: the batch dimension is free (the last batch is smaller)
         images = {"input_signature": [tf.TensorSpec((None, *size), tf.float32)]}
-        pooled = {"input_signature": [tf.TensorSpec((None, *clf.pooled_shape), tf.float32)]}
-        self.augment = tf.function(lambda x: clf.augmentation(x, training=True), **images)
-        self.features_infer = tf.function(lambda x: clf.pooled_features(x, training=False), **images)
-        self.features_no_bn = tf.function(lambda x: self._no_bn(clf.pooled_features, x), **images)
-        self.head_dropout = tf.function(lambda f: clf.head(clf.dropout(f, training=True)), **pooled)
-        self.head_infer = tf.function(lambda f: clf.head(f), **pooled)
+        features = {"input_signature": [tf.TensorSpec((None, *parts.feature_shape), tf.float32)]}
+        if parts.augment is not None:
+            self.augment = tf.function(lambda x: parts.augment(x, training=True), **images)
+        self.features_infer = tf.function(lambda x: parts.features(x, training=False), **images)
+        self.features_no_bn = tf.function(lambda x: self._no_bn(parts.features, x), **images)
+        self.head_dropout = tf.function(lambda f: parts.head_pass(f, training=True), **features)
+        self.head_infer = tf.function(lambda f: parts.head_pass(f, training=False), **features)
         self._features_train: dict[tuple[bool, ...], tf.types.experimental.GenericFunction] = {}
         self._bottoms: dict[int, SplitPasses] = {}
         self._frozen: dict[int, FrozenBottom] = {}
@@ -129,39 +134,39 @@ class MeasuringPasses:
         """The training-mode pass for the BN layers trainable now (traced once per trainable set)."""
         key = self._trainable_key()
         if key not in self._features_train:
-            self._features_train[key] = tf.function(
-                lambda x: self._train(self.clf.pooled_features, x), **self._image_spec
-            )
+            self._features_train[key] = tf.function(lambda x: self._train(self.parts.features, x), **self._image_spec)
         return self._features_train[key]
 
     def frozen_bottom(self, cut: int) -> FrozenBottom:
         """The base cut at layer ``cut`` (built once per cut)."""
         if cut not in self._frozen:
-            self._frozen[cut] = FrozenBottom(self.clf.base, cut)
+            self._frozen[cut] = FrozenBottom(self.parts.base, cut)
         return self._frozen[cut]
 
     def split(self) -> SplitPasses | None:
         """The base cut at its frozen bottom as it is now, with its traced passes (None: no useful cut)."""
-        cut = FrozenBottom.cut_of(self.clf.base)
+        parts = self.parts
+        if parts.base is None:
+            return None
+        cut = FrozenBottom.cut_of(parts.base)
         if cut is None:
             return None
-        clf = self.clf
         if cut not in self._bottoms:
             frozen = self.frozen_bottom(cut)
             spec = {"input_signature": frozen.specs}
             self._bottoms[cut] = SplitPasses(
                 cut,
-                tf.function(lambda x: as_list(frozen.bottom(clf.preprocess(x), training=False)), **self._image_spec),
+                tf.function(lambda x: as_list(frozen.bottom(parts.preprocess(x), training=False)), **self._image_spec),
                 {},
-                tf.function(lambda *c: clf.pool(self._no_bn(frozen.top, list(c))), **spec),
-                tf.function(lambda *c: clf.pool(frozen.top(list(c), training=False)), **spec),
+                tf.function(lambda *c: parts.postprocess(self._no_bn(frozen.top, list(c)), True), **spec),
+                tf.function(lambda *c: parts.postprocess(frozen.top(list(c), training=False)), **spec),
                 frozen,
             )
         split = self._bottoms[cut]
         key = self._trainable_key()
         if key not in split.top_train:
             top, spec = split.frozen.top, {"input_signature": split.frozen.specs}
-            split.top_train[key] = tf.function(lambda *c: clf.pool(self._train(top, list(c))), **spec)
+            split.top_train[key] = tf.function(lambda *c: parts.postprocess(self._train(top, list(c)), True), **spec)
         return split
 
 

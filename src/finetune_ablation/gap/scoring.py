@@ -1,0 +1,76 @@
+"""What accuracy and loss mean for a model: the ones it was compiled with, applied per example.
+
+The measured conditions must use Keras's own definitions, or the chain from Keras's ``accuracy`` to its
+``val_accuracy`` would mix two meanings of a number: the course's ``metrics=['accuracy']`` on logits
+thresholds them at 0.5, and the measurement does the same (``check`` names that as a finding). Losses
+are summed in float64; sample and class weights are left out (Keras's ``loss`` includes neither when fit
+gets none, and the measurement compares the examples themselves)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+
+class ScoringError(ValueError):
+    """The compiled model has no accuracy metric or loss the measurement can apply; says the fix."""
+
+
+def compiled_metrics(model: keras.Model) -> list[keras.metrics.Metric]:
+    """Every metric object the model's ``compile`` made, flattened (built after the first step)."""
+    out: list[keras.metrics.Metric] = []
+    for metric in model.metrics:
+        inner = getattr(metric, "metrics", None)
+        out.extend(inner if isinstance(inner, list) else [metric])
+    return out
+
+
+def _is_accuracy(metric: keras.metrics.Metric) -> bool:
+    name = getattr(getattr(metric, "_fn", None), "__name__", "")
+    return name.endswith("accuracy") and "top_k" not in name
+
+
+def accuracy_metric(model: keras.Model) -> keras.metrics.Metric | None:
+    """The model's compiled accuracy metric (Keras's ``'accuracy'``/``'acc'``, ``BinaryAccuracy``,
+    ``CategoricalAccuracy``, ``SparseCategoricalAccuracy``, ``Accuracy``, whatever its name)."""
+    return next((m for m in compiled_metrics(model) if _is_accuracy(m)), None)
+
+
+def per_example_loss(loss) -> Callable | None:
+    """The compiled loss as a function of (labels, outputs) returning one value per example."""
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call
+    return loss if callable(loss) else None
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """``per_example(y, outputs)``: the number of correct predictions and the per-example losses."""
+
+    accuracy_name: str  # what Keras logs the accuracy as (``val_`` + it for validation)
+    correct: Callable
+    loss: Callable
+
+    @classmethod
+    def of(cls, model: keras.Model) -> Scorer:
+        """From a compiled model after its first training step (when Keras has built its metrics)."""
+        metric = accuracy_metric(model)
+        if metric is None:
+            raise ScoringError(
+                f"{model.name} was compiled without an accuracy metric: compile with metrics=['accuracy'] "
+                "(or keras.metrics.BinaryAccuracy(threshold=0.0) for logits)"
+            )
+        loss = per_example_loss(getattr(model, "loss", None))
+        if loss is None:
+            raise ScoringError(f"{model.name}'s loss is not one function (one output only): compile with one loss")
+        fn, kwargs = metric._fn, dict(metric._fn_kwargs)
+        return cls(metric.name, lambda y, out: fn(y, out, **kwargs), loss)
+
+    def per_example(self, y: tf.Tensor, outputs: tf.Tensor) -> tuple[int, tf.Tensor]:
+        correct = round(float(tf.reduce_sum(tf.cast(self.correct(y, outputs), tf.float64))))
+        return correct, self.loss(y, outputs)
