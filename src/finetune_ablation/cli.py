@@ -74,6 +74,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
 
     from . import console, liveness, reaper, tracking
     from .run import parent_run, resume
+    from .run_names import run_name
     from .threads import for_job
 
     cfg, threads = for_job(cfg)  # the count the engine granted: logged in the config, applied below
@@ -109,7 +110,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     mlflow.set_tracking_uri(uri)
     with (
         mlflow.start_run(
-            experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags, parent_run_id=parent_id
+            experiment_id=experiment_id, run_name=run_name(cfg, client, parent_id), tags=tags, parent_run_id=parent_id
         ) as run,
         liveness.heartbeat(uri, run.info.run_id),
     ):
