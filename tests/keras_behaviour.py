@@ -1,5 +1,5 @@
 """Measure, in whatever Keras this interpreter has, the two behaviours that changed after Keras 3.15
-(docs/stack-facts.md, K12 and K13), and one that did not, and print them as one JSON object.
+(docs/stack-facts.md, V1 and V2), and one that did not, and print them as one JSON object.
 
 Run by ``tests/test_other_keras.py`` in every Keras environment of ``tests/other_keras.py`` (Keras 2 when
 ``TF_USE_LEGACY_KERAS=1``); also runnable by hand: ``python tests/keras_behaviour.py``. It imports nothing

@@ -2,9 +2,9 @@
 the next Keras (keras-nightly) and Keras 2 (tf-keras).
 
 What changed after Keras 3.15 is measured by ``tests/keras_behaviour.py``, which imports nothing from the
-suite: those tests document Keras's behaviour (docs/stack-facts.md K12, K13), they claim nothing about the
+suite: those tests document Keras's behaviour (docs/stack-facts.md V1, V2), they claim nothing about the
 suite's code. The oldest pair runs the suite's own Keras-facing tests, and holds the versions pyproject.toml
-names as its floor, installed as a learner's are (K14)."""
+names as its floor, installed as a learner's are (V3)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from packaging.version import Version
 from .other_keras import REPO, by_name, require, run_code, run_pytest, run_script
 
 # Per env: (an unfrozen BatchNorm inside `base(x, training=False)` keeps its moving mean during fit,
-#           a Dropout placed after the base is active during fit); measured, docs/stack-facts.md K12 and K13
+#           a Dropout placed after the base is active during fit); measured, docs/stack-facts.md V1 and V2
 EXPECTED = {
     "current": (False, True),  # Keras 3.15: fit's training=True reaches the BatchNorm; head dropout on
     "oldest": (False, True),  # Keras 3.5: the same
@@ -48,12 +48,12 @@ def test_training_false_and_head_dropout_under_each_keras(keras_env):
         assert relative > 1e-2, got
     else:
         assert relative < 1e-5, got
-    # Augmentation placed *before* the base stays on during fit under every Keras measured (K13).
+    # Augmentation placed *before* the base stays on during fit under every Keras measured (V2).
     augmented = abs(got["augmented_fit_loss"] - got["augmented_inference_loss"]) / got["augmented_inference_loss"]
     assert augmented > 1e-2, got
 
 
-# The Keras-facing tests the oldest pair must pass (docs/stack-facts.md K14): the pure ones of test_data_model
+# The Keras-facing tests the oldest pair must pass (docs/stack-facts.md V3): the pure ones of test_data_model
 # (the split, the model, the logit accuracy that Keras < 3.5 refuses), a binary run measured end to end and a
 # three-class run whose logged model is loaded back and checked by hand-built passes. `-k` matches markers too.
 OLDEST_SELECTION = (
@@ -88,7 +88,7 @@ print(json.dumps({"suite": finetune_ablation.__file__, "tensorflow": tensorflow.
 @pytest.mark.slow
 def test_a_plain_install_keeps_the_oldest_pair_at_pyprojects_floor():
     """The oldest venv got TensorFlow and Keras first, then `pip install .` (non-editable, with the constraint
-    docs/stack-facts.md K15 gives for TensorFlow < 2.18): pip kept them, and they are pyproject.toml's floors."""
+    docs/stack-facts.md V4 gives for TensorFlow < 2.18): pip kept them, and they are pyproject.toml's floors."""
     got = run_code(require(by_name("oldest")), _INSTALLED, installed=True)
     assert "site-packages" in got["suite"], got  # the installed copy, not the working tree
     assert got["keras_distribution"] == ["keras", got["keras"]], got

@@ -84,7 +84,7 @@ def _tensorflow_unusable(exc: BaseException) -> str:
 
 def _tensorflow_pin() -> str:
     """What to reinstall: the TensorFlow version installed here, so the fix keeps the user's TensorFlow
-    (pyproject.toml allows a range, docs/stack-facts.md K14); else the suite's requirement."""
+    (pyproject.toml allows a range, docs/stack-facts.md V3); else the suite's requirement."""
     try:
         return f"tensorflow=={metadata.version('tensorflow')}"
     except metadata.PackageNotFoundError:
