@@ -57,23 +57,6 @@ def _log_hydra_files() -> None:
             mlflow.log_artifacts(hydra_dir, rec.HYDRA_DIR)
 
 
-def _parallel_jobs() -> int:
-    """How many jobs this launcher runs at once on this machine (1 for the basic launcher)."""
-    if not _in_multirun():
-        return 1
-    n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
-    return (os.cpu_count() or 1) if n_jobs < 0 else int(n_jobs)
-
-
-def _threads(cfg: DictConfig) -> int | None:
-    """TF threads per job: ``threads``, else the cores divided among parallel jobs (docs/stack-facts.md: on 2 cores
-    two joblib workers with default pools fight)."""
-    if cfg.threads:
-        return int(cfg.threads)
-    jobs = _parallel_jobs()
-    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-
-
 def _reuse(client: MlflowClient, done: Run, parent_id: str | None) -> float | None:
     """Resume: an identical FINISHED run exists (resume.decide), so train nothing and return its result."""
     if parent_id:
@@ -91,7 +74,10 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
 
     from . import console, liveness, reaper, tracking
     from .run import parent_run, resume
+    from .run_names import run_name
+    from .threads import for_job
 
+    cfg, threads = for_job(cfg)  # the count the engine granted: logged in the config, applied below
     try:
         uri = tracking.resolve_uri(cfg.tracking)
         client = tracking.connect(uri)
@@ -107,6 +93,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         **(extra_tags or {}),
         **trial_tags(cfg),
         **liveness.process_tags(),
+        rec.THREADS_GRANTED_TAG: threads.granted_by,
     }
     parent_id = None
     if _in_multirun():
@@ -123,7 +110,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     mlflow.set_tracking_uri(uri)
     with (
         mlflow.start_run(
-            experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags, parent_run_id=parent_id
+            experiment_id=experiment_id, run_name=run_name(cfg, client, parent_id), tags=tags, parent_run_id=parent_id
         ) as run,
         liveness.heartbeat(uri, run.info.run_id),
     ):
@@ -132,7 +119,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
             _log_hydra_files()
             validate(cfg)
             _check_folder(cfg)
-            train_and_log = _import_training(_threads(cfg))
+            train_and_log = _import_training(cfg.threads)
             result = train_and_log(cfg, extra_callbacks=trial_callbacks(cfg))
         except KeyboardInterrupt as exc:
             tracking.end_run_failed(exc, status="KILLED")
@@ -162,15 +149,16 @@ def _check_folder(cfg: DictConfig) -> None:
         check_folder(cfg.data.dir, cfg.data.validation_split, cfg.data.seed)
 
 
-def _import_training(threads: int | None) -> Callable[..., float]:
+def _import_training(threads: int) -> Callable[..., float]:
     """Import TensorFlow, quietly, with its thread pools sized: only once a job is sure to train. A store
     that does not answer, a job resume skips and a value out of range never wait the seconds it takes."""
     from . import console
 
     console.quiet_startup()  # before anything imports TensorFlow
-    from .run.train import limit_tf_threads, train_and_log
+    from .run.train import train_and_log
+    from .threads import apply
 
-    limit_tf_threads(threads)
+    apply(threads)
     return train_and_log
 
 
@@ -214,7 +202,8 @@ def _config_error_line(exc: BaseException) -> str:
 def main() -> None:
     """Console-script entry point (``ablate``).
 
-    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, run/parent_run.py) or a bug
+    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, run/parent_run.py), a
+    launcher's job ended without a result (a cancelled SLURM job: one ``error: ...`` line) or a bug
     (traceback); 2 bad input: a config Hydra cannot compose (unknown group option, misspelt key, wrong
     type, bad override or search grammar, bad sweeper setting) or a bad value or store (one
     ``error: ...`` line, no traceback). ``HYDRA_FULL_ERROR=1`` shows Hydra's full message instead."""
@@ -234,6 +223,14 @@ def main() -> None:
             raise
         print(f"error: {_config_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:  # a launcher's job that ended without a result (a cancelled SLURM job)
+        from .lost_jobs import lost_job_line
+
+        line = lost_job_line(exc)
+        if line is None or full_error:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -77,13 +77,23 @@ def _tensorflow_unusable(exc: BaseException) -> str:
         root = root.__cause__
     first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
     cause = f"{type(root).__name__}: {first}" if first else type(root).__name__
+    pin = _tensorflow_pin()
+    reinstall = f"{shlex.quote(sys.executable)} -m pip install --force-reinstall {shlex.quote(pin)}"
+    return f"TensorFlow cannot be imported ({cause}): reinstall it in this environment: {reinstall}"
+
+
+def _tensorflow_pin() -> str:
+    """What to reinstall: the TensorFlow version installed here, so the fix keeps the user's TensorFlow
+    (pyproject.toml allows a range, docs/stack-facts.md V3); else the suite's requirement."""
+    try:
+        return f"tensorflow=={metadata.version('tensorflow')}"
+    except metadata.PackageNotFoundError:
+        pass
     try:
         requirements = metadata.requires("finetune-ablation") or []
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
         requirements = []
-    pin = next((r for r in requirements if r.startswith("tensorflow")), "tensorflow")
-    reinstall = f"{shlex.quote(sys.executable)} -m pip install --force-reinstall {shlex.quote(pin)}"
-    return f"TensorFlow cannot be imported ({cause}): reinstall it in this environment: {reinstall}"
+    return next((r for r in requirements if r.startswith("tensorflow")), "tensorflow")
 
 
 def points(value: float, signed: bool = True) -> str:

@@ -4,9 +4,25 @@ cache entry, the shipped demo base, the images): one definition of each, shared 
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def installed(dist: str) -> tuple[str, str] | None:
+    """(name, version) of the installed distribution ``dist``, or of the one that provides the module of that
+    name in its place (``keras-nightly`` provides ``keras``: docs/stack-facts.md V1); None if neither is."""
+    try:
+        return dist, metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        pass
+    for other in metadata.packages_distributions().get(dist.replace("-", "_"), []):
+        try:
+            return other, metadata.version(other)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def file_sha256(path: str | Path) -> str:

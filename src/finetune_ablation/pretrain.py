@@ -29,7 +29,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ from PIL import Image, ImageDraw
 
 from .demo_base import BASES_DIR, CARD_NAME, WEIGHTS_NAME
 from .demo_data import TEXTURES, background, paint, texture, to_image
-from .fingerprints import file_sha256
+from .fingerprints import file_sha256, installed
 
 SHAPES = ("triangle", "arrow", "tee", "ell", "lollipop", "crescent")
 ORIENTATIONS = ("up", "right", "down", "left")  # where the shape points, give or take 20 degrees
@@ -130,10 +129,8 @@ def source_split(per_class: int, size: int, seed: int, part: int) -> tuple[np.nd
 def _versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for dist in ("tensorflow", "keras", "numpy", "pillow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
+        found = installed(dist)
+        out[dist] = found[1] if found else "not installed"
     return out
 
 

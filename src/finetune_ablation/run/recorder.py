@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import record as rec
+from ..fingerprints import installed
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import keras
     import pandas as pd
     from matplotlib.figure import Figure
+
+    from .split_datasets import SplitDataset
 
 
 class Recorder(Protocol):
@@ -43,6 +48,12 @@ class Recorder(Protocol):
 
     def model(self, model: keras.Model) -> None:
         """The final model, loadable again."""
+
+    def datasets(self, splits: list[SplitDataset]) -> None:
+        """The data the run trained and validated on, described (never copied)."""
+
+    def description(self, markdown: str, figures: Sequence[str] = ()) -> None:
+        """The run's finding, shown first on its page; ``figures`` (logged artifacts) below it."""
 
 
 class MlflowRecorder:
@@ -94,18 +105,30 @@ class MlflowRecorder:
             frame.to_csv(path, index=False)
             mlflow.log_artifact(str(path))
 
-    def model(self, model: keras.Model) -> None:
-        """MLflow's Keras flavor, loadable from ``runs:/<run id>/model`` (load it after ``import
-        finetune_ablation.run.model``, which registers the custom ``Preprocess`` layer). Requirements are
-        pinned from this environment: MLflow's inference would re-import the model in a subprocess."""
-        from importlib.metadata import version
+    def datasets(self, splits: list[SplitDataset]) -> None:
+        from .split_datasets import log_split_datasets
 
+        log_split_datasets(splits)
+
+    def description(self, markdown: str, figures: Sequence[str] = ()) -> None:
+        import mlflow
+
+        from ..descriptions import with_figures
+
+        mlflow.set_tag(rec.DESCRIPTION_TAG, with_figures(markdown, mlflow.active_run().info.run_id, figures))
+
+    def model(self, model: keras.Model) -> None:
+        """MLflow's Keras flavor, loadable from ``runs:/<run id>/model`` by plain ``mlflow.keras.load_model`` or
+        ``mlflow.pyfunc.load_model`` in any Python with Keras: the model holds only Keras's own layers
+        (model.preprocessing_layer). Requirements are pinned from this environment: MLflow's inference would
+        re-import the model in a subprocess."""
         import mlflow
         import numpy as np
         from mlflow.models import ModelSignature
         from mlflow.types.schema import Schema, TensorSpec
 
-        pins = [f"{name}=={version(name)}" for name in ("tensorflow", "keras")]
+        # the distributions that provide tensorflow and keras here (keras may be keras-nightly)
+        pins = [f"{name}=={version}" for name, version in filter(None, map(installed, ("tensorflow", "keras")))]
         float32 = np.dtype("float32")
         signature = ModelSignature(  # images in (pixels 0..255), logits out: shown in the UI, checked on serving
             inputs=Schema([TensorSpec(float32, (-1, *model.input_shape[1:]), "image")]),
