@@ -272,3 +272,26 @@ def test_augmentation_in_tf_data_is_named_once_and_the_rest_measured(image_dir, 
     assert history[rec.gap_metric("augmentation")] == [0.0, 0.0]  # nothing in the model to switch off
     assert history[rec.gap_metric("dropout")] == [0.0, 0.0]
     assert_gap_is_keras_own(history, "accuracy")
+
+
+@pytest.mark.slow
+def test_mlflow_autolog_records_the_gap_too(image_dir, tmp_path):
+    """autolog appends its own callback after the user's: it logs the logs GapCallback filled."""
+    import mlflow
+
+    from .helpers import new_store
+
+    fresh_start()
+    train, val = course_datasets(image_dir)
+    model = sequential_model()
+    mlflow.set_tracking_uri(new_store(tmp_path))
+    mlflow.keras.autolog(log_models=False)
+    try:
+        with mlflow.start_run() as run:
+            history = model.fit(
+                train, validation_data=val, epochs=2, callbacks=[GapCallback(train_data=train)], verbose=0
+            )
+    finally:
+        mlflow.keras.autolog(disable=True)
+    logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, rec.GAP_TOTAL)
+    assert [m.value for m in sorted(logged, key=lambda m: m.step)] == pytest.approx(history.history[rec.GAP_TOTAL])

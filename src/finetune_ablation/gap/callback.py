@@ -140,6 +140,9 @@ class GapCallback(keras.callbacks.Callback):
             return
         if self._scorer is None:
             self._scorer = Scorer.of(self.model)
+        if f"val_{self._scorer.accuracy_name}" not in logs:
+            self._say("fit has no validation_data this epoch: there is no gap to decompose")
+            return
         measured = self.meter.measure(epoch, self._scorer)
         logs.update(decompose(logs, measured, self._validation_count(), self._scorer.accuracy_name))
         self.rows.append({"phase": self.phase, "epoch": epoch, **{k: float(v) for k, v in logs.items()}})

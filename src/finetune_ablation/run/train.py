@@ -185,6 +185,7 @@ def _run_phase(
                 when="every_epoch" if cfg.diagnostics.level == DiagnosticsLevel.full else "last_epoch",
                 model=clf.model,
                 precomputed=Precomputed(inputs.stage, epoch_batches) if inputs else None,
+                verbose=False,  # the run's own record says what is measured (docs/gap-measurement.md)
             )
         )
     callbacks.append(EpochLogger(phase, rows, recorder))
