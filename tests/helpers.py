@@ -6,6 +6,7 @@ Everything is real: Keras trains, MLflow writes sqlite, Hydra composes ``conf/``
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import subprocess
@@ -114,3 +115,23 @@ def new_store(folder: Path, name: str = "mlflow.db") -> str:
     if not db.exists():
         shutil.copyfile(_template, db)
     return f"sqlite:///{db}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics written out by hand, for the tests of the run's and the report's intervals
+
+# Student t quantiles (0.975) by degrees of freedom and the normal one, from printed tables
+T_975 = {1: 12.706204736174694, 2: 4.302652729749462, 3: 3.182446305284263, 4: 2.7764451051977987}
+Z_975 = 1.959963984540054
+# The report's numbers are accuracies or differences of accuracies (|x| <= 1) combined from at most a few
+# dozen doubles by sums, one square root and one quantile: each step adds a few ulp of 1. 4096 ulp leaves
+# a wide margin on any IEEE-754 CPU and is still ten orders finer than one image of a validation split.
+TOL = 4096 * math.ulp(1.0)
+
+
+def wilson_by_hand(correct: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of ``correct`` of ``n``, written out (Wilson 1927)."""
+    p, z2 = correct / n, Z_975**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z_975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return centre - half, centre + half

@@ -1,13 +1,14 @@
-"""``ablate-report`` (issues 6 and 11) on a real small study: 2 replicates (``seed`` and ``data.seed``
-together) x 2 dropout levels trained as child runs of a sweep's parent; a run that differs only in
-``model.bn_training=null`` (bit-identical to ``false`` in Keras 3: a factor that changes nothing) and a
-``resume=false`` rerun of one config (one replicate, not two); plus a failed, a pruned and a running child
-that must be counted and left out.
+"""``ablate-report`` (issues 6, 11 and 33) on a real small study: 2 replicate blocks (``seed`` and
+``data.seed`` together) x 2 dropout levels trained as child runs of a sweep's parent; a run that differs
+only in ``model.bn_training=null`` (bit-identical to ``false`` in Keras 3: a factor that changes nothing)
+and a ``resume=false`` rerun of one config (one replicate, not two); plus a failed, a pruned and a running
+child that must be counted and left out.
 
 Every number is checked against a computation made here, not by the report: pandas/scipy on the raw
-values read back with MlflowClient (distinct runs grouped by their weights hash), the majority-class rate
-from Keras's own split of the image folder, the Wilson interval and Holm's adjustment written out by hand,
-and the t quantiles from printed tables."""
+values read back with MlflowClient (distinct runs grouped by their weights hash, blocks by their seed,
+averaged within a block first), the majority-class rate from Keras's own split of the image folder, the
+Wilson interval and Holm's adjustment written out by hand, and the t quantiles from printed tables.
+The statistics' error rates on simulated studies are in tests/test_report_truth.py."""
 
 from __future__ import annotations
 
@@ -26,27 +27,20 @@ from PIL import Image
 from finetune_ablation.cli import run_job
 from finetune_ablation.gap.decomposition import COMPONENTS
 from finetune_ablation.report import app as report
-from finetune_ablation.report import stats as rs
 from finetune_ablation.tracking import ensure_experiment
 
-from .helpers import make_cfg, new_store, runs
+from .helpers import T_975, TOL, make_cfg, new_store, runs, wilson_by_hand
 
 EXPERIMENT = "study"
 SEEDS = (1, 2)
 DROPOUTS = ("0.0", "0.5")
-# Student t quantiles by degrees of freedom (tables: 12.706, 4.303, 3.182)
-T_975 = {1: 12.706204736174694, 2: 4.302652729749462, 3: 3.182446305284263}
-Z_975 = 1.959963984540054
-# Every compared quantity is an accuracy or a difference of accuracies (|x| <= 1) combined from at most a
-# dozen doubles by sums, one square root and one quantile: each step adds a few ulp of 1. 4096 ulp leaves
-# a wide margin on any IEEE-754 CPU and is still ten orders finer than one image (1/8 of an accuracy here).
-TOL = 4096 * math.ulp(1.0)
 FILES = (
     "report.md",
     "main_effects.png",
     "gap_decomposition.png",
     "learning_curves.png",
     "factors.csv",
+    "effects.csv",
     "gap_components.csv",
     "runs.csv",
 )
@@ -106,13 +100,6 @@ def _keras_majority(image_dir: Path, seed: int) -> tuple[float, int]:
     return float(np.bincount(labels).max() / len(labels)), len(labels)
 
 
-def _wilson_by_hand(correct: int, n: int) -> tuple[float, float]:
-    p, z2 = correct / n, Z_975**2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z_975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return centre - half, centre + half
-
-
 @pytest.fixture(scope="module")
 def raw(study, image_dir) -> pd.DataFrame:
     """The finished children as pandas rows, read straight from MLflow, with a ``unit`` per distinct
@@ -131,6 +118,7 @@ def raw(study, image_dir) -> pd.DataFrame:
                 "dropout": params["model.dropout"],
                 "bn_training": params["model.bn_training"],
                 "unit": run.data.tags["model.weights_sha256"],
+                "block": int(params["seed"]),  # data.seed follows it: one block per seed
                 "majority": majority,
                 "val_count": val_count,
                 **run.data.metrics,
@@ -143,12 +131,25 @@ def _distinct(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.groupby("unit").mean(numeric_only=True)
 
 
+def _blocks(frame: pd.DataFrame) -> pd.DataFrame:
+    """Block means: distinct runs first (every config here ran once per block), then their mean per block."""
+    return _distinct(frame).groupby("block").mean()
+
+
+def _heading(total: float) -> str:
+    """The gap section's question, by the sign of the total as printed (one decimal of a point)."""
+    shown = round(100 * total, 1)
+    if shown == 0:
+        return "## Validation and training are level: what is in the gap?"
+    return "## Why does validation beat training?" if shown > 0 else "## Why does training beat validation?"
+
+
 def _markdown(study) -> str:
     return (study[3] / "report.md").read_text()
 
 
 @pytest.mark.slow
-def test_every_file_table_and_plot_is_written(study):
+def test_every_file_table_and_plot_is_written(study, raw):
     out = study[3]
     for name in FILES:
         assert (out / name).stat().st_size > 0, name
@@ -157,7 +158,9 @@ def test_every_file_table_and_plot_is_written(study):
             with Image.open(out / name) as image:
                 assert image.size[0] > 300 and image.size[1] > 200
     text = _markdown(study)
-    for heading in ("## Why does validation beat training?", "## Factors", "### model.dropout", "## Learning curves"):
+    blocks = _blocks(raw)
+    total = (blocks["val_accuracy"] - blocks["accuracy"]).mean()
+    for heading in (_heading(total), "## Factors", "### model.dropout", "## Learning curves"):
         assert heading in text
     for image in ("main_effects.png", "gap_decomposition.png", "learning_curves.png"):
         assert f"]({image})" in text
@@ -186,12 +189,19 @@ def test_the_study_has_the_copies_it_was_built_with(raw):
 
 
 @pytest.mark.slow
-def test_first_lines_give_the_replicate_design_and_the_identical_factor(study):
-    head = _markdown(study).split("## Why does validation beat training?")[0]
+def test_first_lines_give_the_design_blocks_and_the_identical_factor(study):
+    head = _markdown(study).split("\n## ")[0]
     assert (
-        "**Replicate design: 4 distinct runs** out of 6 finished: 1 run repeats the config and seeds of "
-        "another run (a rerun is one replicate); 1 run is bit-identical to a run with another config (same "
-        "`model.weights_sha256`)."
+        "**Design found.** Factors: `model.bn_training` (2 levels), `model.dropout` (2 levels); 3 configs. "
+        "Replicate keys that vary: `seed` (2 values), `data.seed` (2 values), paired (one `data.seed` per "
+        "`seed`). **2 independent blocks** (`seed=1, data.seed=1`; `seed=2, data.seed=2`)."
+    ) in head
+    assert "**Unbalanced**" not in head  # bn_training=null is bit-identical to false: the same config cell
+    assert "Every interval below is over these 2 blocks (n = 2, 1 degree of freedom)" in head
+    assert "**With only 2 blocks the intervals are wide**" in head
+    assert (
+        "**4 distinct runs** out of 6 finished: 1 run repeats the config and seeds of another run (a rerun "
+        "is one replicate); 1 run is bit-identical to a run with another config (same `model.weights_sha256`)."
     ) in head
     assert "`seed` (2 values: weight initialisation, dropout masks and augmentation)" in head
     assert "`data.seed` (2 values: which images are in the validation split, and the shuffle order)" in head
@@ -203,20 +213,21 @@ def test_first_lines_give_the_replicate_design_and_the_identical_factor(study):
 
 
 @pytest.mark.slow
-def test_factor_table_counts_distinct_runs_and_equals_pandas_on_the_raw_runs(study, raw):
+def test_factor_table_is_over_blocks_and_equals_pandas_on_the_raw_runs(study, raw):
     factors = pd.read_csv(
         study[3] / "factors.csv", dtype={"level": str}, keep_default_na=False, na_values=[""]
     ).set_index(["factor", "level", "metric"])
     checked = 0
     for factor, column in (("model.dropout", "dropout"), ("model.bn_training", "bn_training")):
         for level, at_level in raw.groupby(column):
-            distinct = _distinct(at_level)
+            blocks = _blocks(at_level)
             for metric in report.METRICS:
                 got = factors.loc[(factor, level, metric)]
-                values = distinct[metric]
-                assert got["runs"] == len(at_level) and got["n"] == len(values)
+                values = blocks[metric]
+                assert got["runs"] == len(at_level) and got["distinct_runs"] == at_level["unit"].nunique()
+                assert got["blocks"] == len(values)
                 assert got["mean"] == pytest.approx(values.mean(), abs=TOL)
-                if len(values) == 1:  # bn_training=null: one run, no spread, no interval
+                if len(values) == 1:  # bn_training=null: one block, no spread, no interval
                     assert math.isnan(got["sd"]) and math.isnan(got["ci_low"]) and math.isnan(got["ci_high"])
                     checked += 1
                     continue
@@ -232,14 +243,29 @@ def test_factor_table_counts_distinct_runs_and_equals_pandas_on_the_raw_runs(stu
 
 
 @pytest.mark.slow
+def test_dropout_effect_is_paired_within_blocks(study, raw):
+    effects = pd.read_csv(study[3] / "effects.csv", dtype={"level": str, "reference": str})
+    row = effects[(effects["factor"] == "model.dropout") & (effects["metric"] == "val_accuracy")].iloc[0]
+    assert (row["level"], row["reference"], row["blocks"]) == ("0.5", "0.0", 2)
+    high = _blocks(raw[raw["dropout"] == "0.5"])["val_accuracy"]
+    low = _blocks(raw[raw["dropout"] == "0.0"])["val_accuracy"]
+    d = high - low  # per block (seed)
+    assert row["mean"] == pytest.approx(d.mean(), abs=TOL)
+    if d.std() > 0:
+        half = T_975[1] * d.std() / math.sqrt(2)
+        assert row["ci_low"] == pytest.approx(d.mean() - half, abs=TOL)
+        assert row["ci_high"] == pytest.approx(d.mean() + half, abs=TOL)
+
+
+@pytest.mark.slow
 def test_markdown_cells_show_the_same_numbers(study, raw):
     text = _markdown(study)
-    values = _distinct(raw[raw["dropout"] == "0.5"])["val_accuracy"]
+    values = _blocks(raw[raw["dropout"] == "0.5"])["val_accuracy"]
     mean, sd = values.mean(), values.std()
     half = T_975[1] * sd / math.sqrt(2)
-    cell = f"{100 * mean:.1f} ± {100 * sd:.1f} [{100 * (mean - half):.1f}, {100 * (mean + half):.1f}] (n=2)"
+    cell = f"{100 * mean:.1f} ± {100 * sd:.1f} [{100 * (mean - half):.1f}, {100 * (mean + half):.1f}]"
     if sd == 0:
-        cell = f"{100 * mean:.1f} (no variation, n=2)"
+        cell = f"{100 * mean:.1f} (no variation, 2 blocks)"
     section = text.split("### model.dropout")[1]
     row = next(line for line in section.splitlines() if line.startswith("| val_accuracy |"))
     assert row.split(" | ")[2].rstrip(" |") == cell
@@ -255,29 +281,30 @@ def _holm_by_hand(p: dict[str, float]) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_gap_components_over_distinct_runs_with_holm_adjusted_p(study, raw):
+def test_gap_components_over_blocks_with_holm_adjusted_p(study, raw):
     gaps = pd.read_csv(study[3] / "gap_components.csv")
     components, total = gaps.iloc[:-1], gaps.iloc[-1]
     assert set(components["component"]) == set(COMPONENTS)
     assert list(components["mean"].abs()) == sorted(components["mean"].abs(), reverse=True)
-    distinct = _distinct(raw)
+    blocks = _blocks(raw)
     # the total is what Keras logged, validation minus training accuracy (float32 values: 1 ulp of f32 each)
-    assert total["component"] == "total"
-    expected_total = (distinct["val_accuracy"] - distinct["accuracy"]).mean()
+    assert total["component"] == "total" and total["blocks"] == 2
+    expected_total = (blocks["val_accuracy"] - blocks["accuracy"]).mean()
     assert total["mean"] == pytest.approx(expected_total, abs=4 * float(np.finfo(np.float32).eps))
     p = {}
     for row in components.itertuples():
-        values = distinct[f"gap/{row.component}"]
-        assert row.n == 4
+        values = blocks[f"gap/{row.component}"]
+        assert row.blocks == 2
         assert row.mean == pytest.approx(values.mean(), abs=TOL)
-        half = T_975[3] * values.std() / 2
-        assert row.ci_low == pytest.approx(values.mean() - half, abs=TOL)
+        half = T_975[1] * values.std() / math.sqrt(2)
         if values.std() > 0:
-            p[row.component] = 2 * (1 - rs.stats.t.cdf(abs(values.mean() / (values.std() / 2)), df=3))
+            assert row.ci_low == pytest.approx(values.mean() - half, abs=TOL)
+            # 1 df: the t distribution is Cauchy, two-sided p = 1 - 2 atan(|t|) / pi in closed form
+            t = values.mean() / (values.std() / math.sqrt(2))
+            p[row.component] = 1 - 2 * math.atan(abs(t)) / math.pi
     holm = _holm_by_hand(p)
     for row in components.itertuples():
         if row.component in p:
-            # t.cdf near 1 loses the tail's digits below 1e-16: compare p-values to that absolute precision
             assert row.p == pytest.approx(p[row.component], abs=1e-12)
             assert row.p_holm == pytest.approx(holm[row.component], abs=1e-12)
 
@@ -288,19 +315,20 @@ def test_runs_at_chance_are_found_from_the_majority_rate_of_their_split(study, r
     for row in raw.itertuples():
         got = table.loc[row.run_id]
         assert got["majority"] == pytest.approx(row.majority, abs=TOL) and got["val_count"] == row.val_count
-        low, _ = _wilson_by_hand(round(row.val_accuracy * row.val_count), row.val_count)
+        assert got["block"] == f"seed={row.block}, data.seed={row.block}"
+        low, _ = wilson_by_hand(round(row.val_accuracy * row.val_count), row.val_count)
         assert bool(got["at_chance"]) == (low <= row.majority)  # not above the majority rate
-    distinct = _distinct(raw)
-    count = distinct["val_count"].mean()
-    low, _ = _wilson_by_hand(round(distinct["val_accuracy"].mean() * count), round(count))
-    diff = distinct["val_accuracy"] - distinct["majority"]
-    half = T_975[3] * diff.std() / 2
-    study_at_chance = low <= distinct["majority"].mean() or (diff.std() > 0 and diff.mean() - half <= 0)
+    blocks = _blocks(raw)
+    count = blocks["val_count"].mean()
+    low, _ = wilson_by_hand(round(blocks["val_accuracy"].mean() * count), round(count))
+    diff = blocks["val_accuracy"] - blocks["majority"]
+    half = T_975[1] * diff.std() / math.sqrt(2)
+    study_at_chance = low <= blocks["majority"].mean() or (diff.std() > 0 and diff.mean() - half <= 0)
     text = _markdown(study)
     said = "**At chance: this study's validation accuracy is not distinguishably above" in text
     assert said == study_at_chance
     if study_at_chance:  # said before any component, and every verdict says noise
-        assert text.index("**At chance") < text.index("## Why does validation beat training?")
+        assert text.index("**At chance") < text.index("\n## ")
         assert set(pd.read_csv(study[3] / "gap_components.csv")["verdict"]) == {"noise: the model is at chance"}
 
 

@@ -93,6 +93,17 @@ def points(value: float, signed: bool = True) -> str:
     return f"{rounded:+.1f}" if signed else f"{rounded:.1f}"
 
 
+def gap_leader(total: float) -> str:
+    """Who leads, by the sign of a gap (validation - training accuracy) as ``points`` prints it: a total
+    that rounds to 0.0 is "level", not "validation beats training by 0.0"."""
+    rounded = round(100 * total, 1)
+    if rounded != rounded:
+        return "not measured"
+    if rounded == 0:
+        return "level"
+    return "validation beats training" if rounded > 0 else "training beats validation"
+
+
 def epoch_line(phase: int, epoch: int, epochs: int, logs: dict[str, float]) -> str:
     """One line: phase, epoch, loss, accuracy, val_accuracy (95% interval), gap and its largest cause."""
     parts = [f"phase {phase}  epoch {epoch + 1:>2}/{epochs}"]

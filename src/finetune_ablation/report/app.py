@@ -4,14 +4,16 @@
     ablate-report --parent-run RUN_ID --out reports/sweep      # one Hydra multirun (its child runs)
 
 Reads the runs with ``mlflow.search_runs`` (so it works on a remote tracking server too), leaves out
-failed, pruned and running runs (and says how many), merges copies into distinct runs, and writes
-Markdown, CSV and PNG into ``--out``; a sweep's parent run gets the same files as artifacts under
-``report/``. The statistics live in ``stats``, what counts as evidence in ``design``, the wording in
-``text``, the figures in ``plots`` (modules of this package) (docs/report.md explains every rule)."""
+failed, pruned and running runs (and says how many), merges copies into distinct runs, groups the runs
+into independent replicate blocks, and writes Markdown, CSV and PNG into ``--out``; a sweep's parent run
+gets the same files as artifacts under ``report/``. What counts as evidence lives in ``design``, the
+statistics over blocks in ``blocked`` and ``stats``, the wording in ``text``, the figures in ``plots``
+(modules of this package) (docs/report.md explains every rule)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 
+from .. import chance
 from .. import record as rec
 from ..errors import UserError, run_cli
 from ..paths import CONF_DIR
@@ -35,8 +38,8 @@ from ..record import (
 )
 from ..record import STUDY_METRICS as METRICS
 from ..runstore import default_uri, get_run, open_store
+from . import blocked, plots, text
 from . import design as rd
-from . import plots, text
 from . import stats as rs
 
 
@@ -59,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tracking-uri",
         help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's mlruns/mlflow.db)",
+    )
+    parser.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="Markdown and CSV only, no PNG (about 0.7 s less per report: for scripts that build many)",
     )
     return parser.parse_args(argv)
 
@@ -116,52 +125,62 @@ def config_groups() -> list[str]:
 
 @dataclass
 class Study:
-    """The finished runs and everything computed from them, per run, per distinct run and per level."""
+    """The finished runs and everything computed from them: per run, per distinct run, per block."""
 
     runs: pd.DataFrame
     factors: list[rs.Factor]
     values: pd.DataFrame  # final metrics + majority rate + validation images, one row per run
-    units: pd.Series  # distinct-run id per run
+    layout: blocked.Layout  # each run's distinct run, independent block and cell
+    blocks: rd.Blocks
+    means: pd.DataFrame  # block x column: each block's mean of every column of ``values``
+    levels: dict[str, blocked.Levels]  # per factor: the block means of each level
 
     @classmethod
     def of(cls, finished: pd.DataFrame) -> Study:
-        values = pd.concat([rs.final_metrics(finished, METRICS), rd.majority_rates(finished)], axis=1)
-        return cls(finished, rs.find_factors(finished, config_groups()), values, rd.unit_ids(finished))
+        values = rd.with_majority(rs.final_metrics(finished, METRICS), finished)
+        layout, blocks = rd.study_layout(finished)
+        factors = rs.find_factors(finished, config_groups())
+        levels = {f.name: blocked.levels_of(values, f, layout) for f in factors}
+        return cls(finished, factors, values, layout, blocks, blocked.block_table(values, layout), levels)
 
-    def distinct(self, mask: pd.Series | None = None) -> pd.DataFrame:
-        chosen = self.values if mask is None else self.values[mask]
-        return rd.per_unit(chosen, self.units)
+    @property
+    def units(self) -> pd.Series:
+        return self.layout.units
 
-    def at_chance(self, mask: pd.Series | None = None) -> bool | None:
-        d = self.distinct(mask)
-        return rd.at_chance(d[VAL_ACCURACY], d["majority"], d["val_count"])
+    def distinct(self) -> pd.DataFrame:
+        return rd.per_unit(self.values, self.units)
 
+    def at_chance(self) -> bool | None:
+        return rd.at_chance(self.means)
+
+    @functools.cached_property
     def runs_at_chance(self) -> pd.Series:
         v = self.values
         return pd.Series(
-            [rd.run_at_chance(a, m, n) for a, m, n in zip(v[VAL_ACCURACY], v["majority"], v["val_count"], strict=True)],
+            [chance.at_chance(a, n, m) for a, n, m in zip(v[VAL_ACCURACY], v["val_count"], v["majority"], strict=True)],
             index=v.index,
             dtype=object,
         )
 
     def level_chance(self, factor: rs.Factor) -> dict[str, bool | None]:
-        return {level: self.at_chance(factor.levels == level) for level in factor.order}
+        return {level: rd.at_chance(means) for level, means in self.levels[factor.name].means.items()}
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        metrics = self.values[list(METRICS)]
-        return {f.name: rs.factor_table(metrics, f, self.units) for f in self.factors}
+        return {name: blocked.factor_table(levels, list(METRICS)) for name, levels in self.levels.items()}
+
+    def effects(self) -> dict[str, pd.DataFrame]:
+        return {name: blocked.effects_table(levels, list(METRICS)) for name, levels in self.levels.items()}
 
     def gap_summary(self) -> tuple[pd.DataFrame, pd.Series]:
-        """Ranked components (named without ``gap/``) over distinct runs, and the total, with verdicts."""
-        values = self.distinct()[[GAP_TOTAL, *(f"{GAP_PREFIX}{c}" for c in GAP_COMPONENTS)]]
-        values.columns = [c[len(GAP_PREFIX) :] for c in values.columns]
-        ranking = rs.gap_ranking(values, GAP_COMPONENTS)
-        total = rs.summarize(values["total"])
-        row = {"component": "total", **vars(total), "p": rs.p_value(total), "p_holm": float("nan")}
+        """Ranked components (named without ``gap/``) over blocks, and the total, with verdicts."""
+        means = self.means[[GAP_TOTAL, *(f"{GAP_PREFIX}{c}" for c in GAP_COMPONENTS)]]
+        means.columns = [c[len(GAP_PREFIX) :] for c in means.columns]
+        ranking = blocked.gap_ranking(means, list(GAP_COMPONENTS))
+        total = pd.Series(blocked.total_row(means["total"]))
         if self.at_chance():
             ranking["verdict"] = text.AT_CHANCE_VERDICT
-            return ranking, pd.Series({**row, "verdict": text.AT_CHANCE_VERDICT})
-        return ranking, pd.Series({**row, "verdict": rs.verdict(total)})
+            total["verdict"] = text.AT_CHANCE_VERDICT
+        return ranking, total
 
 
 def metric_curves(client: mlflow.MlflowClient, run_id: str) -> pd.DataFrame:
@@ -191,26 +210,27 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def curves_section(client: mlflow.MlflowClient, finished: pd.DataFrame, out: Path) -> list[str]:
+def curves_section(client: mlflow.MlflowClient, finished: pd.DataFrame, out: Path, figures: bool = True) -> list[str]:
     picked = rs.best_and_worst(finished)
     if picked is None:
         return ["## Learning curves", "", "No finished run logged val_accuracy.", ""]
     rows = {
         role: finished[finished["run_id"] == rid].iloc[0] for role, rid in zip(("best", "worst"), picked, strict=True)
     }
-    titles = {role: f"{role}: {_run_label(row)}" for role, row in rows.items()}
-    curves = {titles[r]: metric_curves(client, row["run_id"]) for r, row in rows.items()}
-    _save(
-        plots.best_worst_curves(curves, {titles[r]: _boundary(row) for r, row in rows.items()}),
-        out / "learning_curves.png",
-    )
+    if figures:
+        titles = {role: f"{role}: {_run_label(row)}" for role, row in rows.items()}
+        curves = {titles[r]: metric_curves(client, row["run_id"]) for r, row in rows.items()}
+        _save(
+            plots.best_worst_curves(curves, {titles[r]: _boundary(row) for r, row in rows.items()}),
+            out / "learning_curves.png",
+        )
     lines = ["## Learning curves of the best and the worst run", ""]
     for role, row in rows.items():
         acc = row.get(f"metrics.{VAL_ACCURACY}")
         name = row.get(f"tags.{MLFLOW_RUN_NAME_TAG}")
         named = f" ({name})" if isinstance(name, str) else ""
         lines.append(f"- {role}: run `{row['run_id']}`{named}, final val_accuracy {100 * acc:.1f}%")
-    return [*lines, "", "![learning curves](learning_curves.png)", ""]
+    return [*lines, "", "![learning curves](learning_curves.png)" if figures else "", ""]
 
 
 def runs_table(study: Study, at_chance: pd.Series) -> pd.DataFrame:
@@ -222,6 +242,7 @@ def runs_table(study: Study, at_chance: pd.Series) -> pd.DataFrame:
     for factor in study.factors:
         frame[factor.name] = factor.levels
     frame["distinct_run"] = study.units
+    frame["block"] = study.blocks.ids.map(study.blocks.labels)
     frame[rec.WEIGHTS_DIGEST_TAG] = rd.weights_hashes(finished)
     frame["at_chance"] = at_chance
     return pd.concat([frame, study.values], axis=1)
@@ -233,56 +254,69 @@ def first_lines(
     kinds: pd.Series,
     study: Study,
     identities: dict[str, rd.Identity],
-    chance: dict[str, dict[str, bool | None]],
+    chance_levels: dict[str, dict[str, bool | None]],
+    spread: dict[str, float],
 ) -> list[str]:
-    """What a reader must know before any number: what counts, the replicate design, runs at chance."""
+    """What a reader must know before any number: what counts, the design found (factors, replicate keys,
+    independent blocks, what an interval is over and how wide it is), runs at chance."""
     lines = text.header_lines(scope.title, uri, kinds)
-    lines += text.design_lines(
+    configs = int(study.layout.cells.nunique())
+    lines += text.design_found_lines(study.factors, configs, study.blocks, rd.replicate_design(study.runs))
+    lines += text.precision_lines(study.blocks.count, spread)
+    lines += text.copies_lines(
         rd.merges(study.runs, study.units),
-        rd.replicate_design(study.runs),
         [name for name, identity in identities.items() if identity.changes_nothing],
     )
-    at_chance = study.runs_at_chance()
+    at_chance = study.runs_at_chance
     names = [_run_label(study.runs.loc[i]) for i in at_chance.index[at_chance.eq(True)]]
-    levels = [f"`{name}={v}`" for name, levels in chance.items() for v, c in levels.items() if c]
+    levels = [f"`{name}={v}`" for name, levels in chance_levels.items() for v, c in levels.items() if c]
     lines += text.chance_lines(study.at_chance(), names, len(study.runs), levels)
-    return lines + text.method_lines(study.factors)
+    return lines + text.method_lines()
 
 
-def write_report(client: mlflow.MlflowClient, scope: Scope, uri: str, runs: pd.DataFrame, out: Path) -> Path:
+def write_report(
+    client: mlflow.MlflowClient, scope: Scope, uri: str, runs: pd.DataFrame, out: Path, figures: bool = True
+) -> Path:
     kinds = rs.classify(runs)
     finished = runs[kinds == "finished"]
     if finished.empty:
         raise UserError(f"no finished runs to compare in {scope.title} ({text.counts_line(kinds)[2:]})")
     out.mkdir(parents=True, exist_ok=True)
     study = Study.of(finished)
-    tables = study.tables()
+    tables, effects = study.tables(), study.effects()
     ranking, total = study.gap_summary()
     study_at_chance = study.at_chance()
     identities = {f.name: rd.factor_identity(finished, f) for f in study.factors}
-    chance = {f.name: study.level_chance(f) for f in study.factors}
+    chance_levels = {f.name: study.level_chance(f) for f in study.factors}
+    spread = {"total": total["sd"], **dict(zip(ranking["component"], ranking["sd"], strict=True))}
 
-    lines = first_lines(scope, uri, kinds, study, identities, chance)
-    has_gap = bool(ranking["n"].sum() > 0)
-    if has_gap:
+    lines = first_lines(scope, uri, kinds, study, identities, chance_levels, spread)
+    has_gap = bool(ranking["blocks"].sum() > 0)
+    if has_gap and figures:
         _save(plots.gap_bars(ranking, total, bool(study_at_chance)), out / "gap_decomposition.png")
-    lines += text.gap_markdown(ranking, total, has_gap, study_at_chance)
+    lines += text.gap_markdown(ranking, total, has_gap and figures, study_at_chance)
     lines += ["## Factors", ""]
     if tables:
-        majority = float(study.distinct()["majority"].mean())
-        _save(plots.main_effects(tables, chance, majority), out / "main_effects.png")
-        lines += ["![main effects](main_effects.png)", ""]
+        if figures:
+            majority = float(study.distinct()["majority"].mean())
+            _save(plots.main_effects(tables, chance_levels, majority), out / "main_effects.png")
+            lines += ["![main effects](main_effects.png)", ""]
         for factor in study.factors:
-            lines += text.factor_markdown(factor, tables[factor.name], identities[factor.name], chance[factor.name])
+            name = factor.name
+            lines += text.factor_markdown(factor, tables[name], effects[name], identities[name], chance_levels[name])
     else:
         lines += ["No swept keys: every finished run has the same config (apart from seeds).", ""]
-    lines += curves_section(client, finished, out)
+    lines += curves_section(client, finished, out, figures)
 
-    columns = ["factor", "level", "runs", "metric", "n", "mean", "sd", "ci_low", "ci_high"]
-    factor_rows = pd.concat(tables.values(), ignore_index=True) if tables else pd.DataFrame(columns=columns)
-    factor_rows.to_csv(out / "factors.csv", index=False)
+    for name, frames, columns in (
+        ("factors.csv", tables, blocked.FACTOR_COLUMNS),
+        ("effects.csv", effects, blocked.EFFECT_COLUMNS),
+    ):
+        found = [f for f in frames.values() if not f.empty]
+        rows = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=columns)
+        rows.to_csv(out / name, index=False)
     pd.concat([ranking, total.to_frame().T], ignore_index=True).to_csv(out / "gap_components.csv", index=False)
-    runs_table(study, study.runs_at_chance()).to_csv(out / "runs.csv", index=False)
+    runs_table(study, study.runs_at_chance).to_csv(out / "runs.csv", index=False)
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
@@ -295,7 +329,7 @@ def build(args: argparse.Namespace) -> Path:
     scope = resolve_scope(client, args, uri)
     runs = fetch_runs(scope)
     out = Path(args.out or Path("reports") / (args.experiment or args.parent_run))
-    report = write_report(client, scope, uri, runs, out)
+    report = write_report(client, scope, uri, runs, out, args.figures)
     parent = scope.parent_run_id or single_parent(runs, rs.classify(runs))
     print(f"report written to {report}")
     if parent is not None:

@@ -1,26 +1,31 @@
 """What counts as one piece of evidence in a study, and which noise the report's intervals cover.
 
-Three rules, each a pure function on the runs as ``mlflow.search_runs`` returns them:
+Four rules, each a pure function on the runs as ``mlflow.search_runs`` returns them:
 
 - **Distinct runs.** Runs with the same config and seeds (a ``resume=false`` rerun, a copy) are one
   replicate, and runs with the same ``model.weights_sha256`` are bit-identical models. Both are merged
-  into one *unit* (its value: the mean of its runs); every interval is over units, never over copies.
+  into one *unit* (its value: the mean of its runs), never counted twice.
+- **Independent blocks.** Runs that share a value of a replicate key that varies (``seed``,
+  ``data.seed``) share its noise: the head's initialisation, the dropout and augmentation draws, the
+  validation images. Such runs form one *block*; blocks share nothing random, so they are the unit of
+  independence. Every interval is over blocks (``blocked``), never over runs.
 - **Replicate design.** ``seed`` and ``data.seed`` are replicates, not factors; the report states which
   of them varies, so a reader knows whether an interval covers the choice of validation images.
-- **Chance level.** A run whose validation accuracy is not distinguishably above the majority-class rate
-  of its validation split (the 95% Wilson interval of its accuracy reaches down to that rate, or lies
-  below it) has learnt nothing: its gap components are noise."""
+- **Chance level** (``finetune_ablation.chance``). A run whose validation accuracy is not distinguishably
+  above the majority-class rate of its validation split has learnt nothing: its gap components are noise.
+  A level or a study is at chance when its accuracy is not above that rate over its blocks."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pandas as pd
-from scipy import stats
 
-from ..record import VAL_COUNT_PARAM_PREFIX, WEIGHTS_DIGEST_TAG
-from .stats import CONFIDENCE, REPLICATE_KEYS, Factor, is_config_param, param_values, summarize
+from .. import chance
+from ..record import VAL_ACCURACY, VAL_COUNT_PARAM_PREFIX, WEIGHTS_DIGEST_TAG
+from . import blocked
+from .stats import REPLICATE_KEYS, Factor, is_config_param, param_values, summarize
 
 # What each replicate seed changes (run/data.py, run/train.py): the reader's "which noise does an interval cover".
 SEED_MEANING = {
@@ -43,6 +48,27 @@ def _signature(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
     return pd.Series(["\x1f".join(parts) for parts in zip(*columns, strict=True)], index=runs.index)
 
 
+def _connected(index: pd.Index, links: Iterable[pd.Series]) -> pd.Series:
+    """Group ids (0, 1, ... in order of first appearance): two runs are in one group when any of the
+    ``links`` gives them the same (non-missing) value, directly or through other runs (union-find)."""
+    parent = {i: i for i in index}
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for key in links:
+        present = key.dropna()
+        for _, members in present.groupby(present).groups.items():
+            first, *rest = list(members)
+            for other in rest:
+                parent[root(other)] = root(first)
+    roots = pd.Series([root(i) for i in index], index=index)
+    return roots.map({r: n for n, r in enumerate(pd.unique(roots))})
+
+
 def weights_hashes(runs: pd.DataFrame) -> pd.Series:
     column = f"tags.{WEIGHTS_DIGEST_TAG}"
     return runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
@@ -51,21 +77,7 @@ def weights_hashes(runs: pd.DataFrame) -> pd.Series:
 def unit_ids(runs: pd.DataFrame) -> pd.Series:
     """One id per distinct run: runs sharing config + seeds, or sharing a weights hash, get the same id
     (transitively), so a rerun and a bit-identical level each count once."""
-    parent = {i: i for i in runs.index}
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for key in (_signature(runs, config_keys(runs)), weights_hashes(runs)):
-        for _, members in key.dropna().groupby(key.dropna()).groups.items():
-            first, *rest = list(members)
-            for other in rest:
-                parent[root(other)] = root(first)
-    roots = pd.Series([root(i) for i in runs.index], index=runs.index)
-    return roots.map({r: n for n, r in enumerate(pd.unique(roots))})
+    return _connected(runs.index, (_signature(runs, config_keys(runs)), weights_hashes(runs)))
 
 
 def per_unit(values: pd.DataFrame, units: pd.Series) -> pd.DataFrame:
@@ -104,7 +116,8 @@ def factor_identity(runs: pd.DataFrame, factor: Factor) -> Identity:
     others = [k for k in config_keys(runs) if k not in own and not k.startswith(f"{factor.name}.")]
     hashes = weights_hashes(runs)
     identical = compared = 0
-    for _, index in _signature(runs, others).groupby(_signature(runs, others)).groups.items():
+    signature = _signature(runs, others)
+    for _, index in signature.groupby(signature).groups.items():
         if factor.levels.loc[index].nunique() < 2:
             continue
         compared += 1
@@ -114,7 +127,76 @@ def factor_identity(runs: pd.DataFrame, factor: Factor) -> Identity:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Replicate design
+# Independent blocks and the replicate design
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The study's independent replicate blocks."""
+
+    ids: pd.Series  # block id per run (0, 1, ...)
+    keys: tuple[str, ...]  # the replicate keys that vary
+    combinations: int  # distinct combinations of their values
+    labels: dict[int, str]  # block id -> its replicate values, e.g. "seed=1, data.seed=1"
+    missing: dict[int, int]  # block id -> configs of the study it has no finished run of, where any
+
+    @property
+    def count(self) -> int:
+        return int(self.ids.nunique())
+
+    @property
+    def merged(self) -> bool:
+        """Combinations of the keys share values (e.g. ``seed`` crossed with ``data.seed``), so several of
+        them form one block."""
+        return self.count < self.combinations
+
+
+def cells(runs: pd.DataFrame) -> pd.Series:
+    """Each run's config apart from the seeds, as a number (in the sort order of the configs): the runs of
+    one cell differ only in noise."""
+    signature = _signature(runs, [k for k in config_keys(runs) if k not in REPLICATE_KEYS])
+    return pd.Series(pd.factorize(signature, sort=True)[0], index=runs.index)
+
+
+def block_ids(runs: pd.DataFrame, units: pd.Series) -> Blocks:
+    """Runs sharing the value of any replicate key that varies share its noise: they are one block
+    (transitively; a distinct run is never split). With no varying key the study is one block."""
+    keys = tuple(k for k in REPLICATE_KEYS if param_values(runs, k).nunique() > 1)
+    values = {k: param_values(runs, k) for k in keys}
+    if keys:
+        ids = _connected(runs.index, [*values.values(), units])
+        combinations = int(_signature(runs, list(keys)).nunique())
+    else:
+        ids = pd.Series(0, index=runs.index)
+        combinations = 1
+    labels = {}  # numbered in the natural order of their values, not in the order MLflow listed the runs
+    order = {b: n for n, b in enumerate(sorted(pd.unique(ids), key=lambda b: _first_values(values, ids == b)))}
+    ids = ids.map(order)
+    for block, index in ids.groupby(ids).groups.items():
+        parts = [f"{k}={','.join(sorted(pd.unique(v.loc[index]), key=_natural))}" for k, v in values.items()]
+        labels[int(block)] = ", ".join(parts) or "all runs"
+    config = cells(runs).groupby(units).transform("min")  # bit-identical configs count as one (blocked.unit_frame)
+    wanted = config.nunique()
+    missing = {int(b): int(wanted - config.loc[i].nunique()) for b, i in ids.groupby(ids).groups.items()}
+    return Blocks(ids, keys, combinations, labels, {b: m for b, m in missing.items() if m})
+
+
+def _first_values(values: dict[str, pd.Series], mask: pd.Series) -> tuple:
+    return tuple(min((_natural(v) for v in column[mask]), default=(2, 0.0, "")) for column in values.values())
+
+
+def _natural(value: str) -> tuple:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def study_layout(runs: pd.DataFrame) -> tuple[blocked.Layout, Blocks]:
+    """Where each run sits: its distinct run, its independent block, its cell."""
+    units = unit_ids(runs)
+    blocks = block_ids(runs, units)
+    return blocked.Layout(units, blocks.ids, cells(runs)), blocks
 
 
 @dataclass(frozen=True)
@@ -167,30 +249,26 @@ def majority_rates(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"val_count": total, "majority": counts.max(axis=1) / total}, index=runs.index)
 
 
-def wilson(accuracy: float, count: float, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval of an accuracy measured on ``count`` images (as the runs log it)."""
-    trials = round(count)
-    ci = stats.binomtest(round(accuracy * trials), trials).proportion_ci(confidence, method="wilson")
-    return float(ci.low), float(ci.high)
+ABOVE_MAJORITY = "above_majority"  # val_accuracy - majority rate, per run
 
 
-def run_at_chance(accuracy: float, majority: float, count: float) -> bool | None:
-    """The run's validation accuracy is not distinguishably above the majority rate: its Wilson interval
-    contains the rate, or lies below it (always answering the larger class does as well). None: not known."""
-    if any(map(math.isnan, (accuracy, majority, count))) or count < 1:
-        return None
-    low, _ = wilson(accuracy, count)
-    return low <= majority
+def with_majority(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The final metrics with ``majority``, ``val_count`` and ``above_majority`` per run."""
+    rates = majority_rates(runs)
+    frame = pd.concat([metrics, rates], axis=1)
+    frame[ABOVE_MAJORITY] = frame[VAL_ACCURACY] - frame["majority"]
+    return frame
 
 
-def at_chance(accuracy: pd.Series, majority: pd.Series, count: pd.Series) -> bool | None:
-    """A group of distinct runs is at chance when either noise leaves its mean accuracy not above the
-    majority rate: the Wilson interval on one split's images reaches down to the mean majority rate, or
-    the t-interval over the runs of (accuracy - majority) reaches down to zero."""
-    frame = pd.DataFrame({"acc": accuracy, "maj": majority, "n": count}).dropna()
+def at_chance(means: pd.DataFrame) -> bool | None:
+    """A group of runs (a level, the study) is at chance when either noise leaves its accuracy not above
+    the majority rate: the Wilson interval on one split's images reaches down to the mean majority rate
+    (``chance.at_chance`` on the means over blocks), or the t-interval over blocks of (accuracy -
+    majority) reaches down to zero. ``means``: the group's block means (``blocked.block_table``)."""
+    frame = means[[VAL_ACCURACY, "majority", "val_count", ABOVE_MAJORITY]].dropna()
     if frame.empty:
         return None
-    if run_at_chance(frame["acc"].mean(), frame["maj"].mean(), frame["n"].mean()):
+    if chance.at_chance(frame[VAL_ACCURACY].mean(), frame["val_count"].mean(), frame["majority"].mean()):
         return True
-    spread = summarize(frame["acc"] - frame["maj"])
-    return bool(spread.n >= 2 and spread.sd > 0 and spread.ci_low <= 0)
+    above = summarize(frame[ABOVE_MAJORITY])
+    return bool(above.n >= 2 and above.sd > 0 and above.ci_low <= 0)

@@ -1,8 +1,8 @@
 """Figures of the study report: main effects per factor, the study's gap decomposition, and the learning
 curves of the best and worst run. Accuracies are drawn in percentage points, error bars are the 95%
-t-intervals of the tables, so a figure never shows more certainty than the numbers beside it: a level with
-one distinct run has no interval, so it gets no error bar (a zero-width bar would claim certainty) and an
-``n=1`` label instead."""
+t-intervals over independent blocks of the tables, so a figure never shows more certainty than the numbers
+beside it: a level measured in one block has no interval, so it gets no error bar (a zero-width bar would
+claim certainty) and a ``1 block`` label instead."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from ..console import gap_leader
 from ..record import ACCURACY, TRAIN_CLEAN_ACCURACY, VAL_ACCURACY
+from .stats import ABSENT, REAL
 
 MAIN_EFFECT_METRICS = (VAL_ACCURACY, ACCURACY, TRAIN_CLEAN_ACCURACY)
 _STYLE = {VAL_ACCURACY: "-^", ACCURACY: "-o", TRAIN_CLEAN_ACCURACY: "--s"}
-_VERDICT_COLOURS = {"real": "tab:red", "absent: exactly 0 in every run": "lightgray"}
+_VERDICT_COLOURS = {REAL: "tab:red", ABSENT: "lightgray"}
 
 
 def _error_bars(table: pd.DataFrame) -> np.ndarray:
@@ -31,14 +33,14 @@ def _error_bars(table: pd.DataFrame) -> np.ndarray:
 
 
 def _has_interval(table: pd.DataFrame) -> np.ndarray:
-    return (table["n"] >= 2).to_numpy() & table["ci_low"].notna().to_numpy()
+    return (table["blocks"] >= 2).to_numpy() & table["ci_low"].notna().to_numpy()
 
 
 def main_effects(
     tables: dict[str, pd.DataFrame], chance: dict[str, dict[str, bool | None]], majority: float | None
 ) -> plt.Figure:
-    """One panel per factor: mean final accuracies per level with 95% intervals; the majority-class rate
-    as a dashed line, and levels at chance named so under their tick."""
+    """One panel per factor: mean final accuracies per level over blocks with 95% intervals over blocks;
+    the majority-class rate as a dashed line, and levels at chance named so under their tick."""
     count = len(tables)
     cols = min(3, count)
     rows = math.ceil(count / cols)
@@ -48,7 +50,7 @@ def main_effects(
         x = np.arange(len(levels))
         for offset, metric in zip((-0.08, 0.0, 0.08), MAIN_EFFECT_METRICS, strict=True):
             rows_of = table[table["metric"] == metric].set_index("level").loc[levels]
-            if rows_of["n"].sum() == 0:
+            if rows_of["blocks"].sum() == 0:
                 continue
             bars = _has_interval(rows_of)
             line = ax.plot(x + offset, 100 * rows_of["mean"], _STYLE[metric], markersize=5, label=metric)[0]
@@ -56,9 +58,9 @@ def main_effects(
                 (x + offset)[bars], 100 * rows_of["mean"][bars], yerr=_error_bars(rows_of[bars]), fmt="none",
                 ecolor=line.get_color(), capsize=3,
             )  # fmt: skip
-            for xi, yi, n in zip(x + offset, 100 * rows_of["mean"], rows_of["n"], strict=True):
+            for xi, yi, n in zip(x + offset, 100 * rows_of["mean"], rows_of["blocks"], strict=True):
                 if n == 1 and metric == VAL_ACCURACY:
-                    ax.annotate("n=1", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                    ax.annotate("1 block", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if majority is not None and not math.isnan(majority):
             ax.axhline(100 * majority, color="gray", linestyle="--", linewidth=1, label="majority class")
         marked = [f"{v}\n(at chance)" if chance.get(name, {}).get(v) else v for v in levels]
@@ -70,7 +72,11 @@ def main_effects(
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[count:]:
         ax.set_visible(False)
-    fig.suptitle("Main effects: mean per level over distinct runs, 95% interval (none for n=1)", fontsize=10)
+    fig.suptitle(
+        "Main effects: mean per level over independent blocks, 95% interval over blocks (none for 1 block);\n"
+        "levels are compared within blocks in report.md (effects.csv)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -78,8 +84,8 @@ def main_effects(
 def gap_bars(ranking: pd.DataFrame, total: pd.Series, at_chance: bool) -> plt.Figure:
     """Horizontal bars: each gap component (ranked) and the total, with their 95% intervals."""
     frame = pd.concat([ranking, total.to_frame().T], ignore_index=True)
-    frame = frame[frame["n"] > 0].reset_index(drop=True)
-    frame[["n", "mean", "ci_low", "ci_high"]] = frame[["n", "mean", "ci_low", "ci_high"]].astype(float)
+    frame = frame[frame["blocks"] > 0].reset_index(drop=True)
+    frame[["blocks", "mean", "ci_low", "ci_high"]] = frame[["blocks", "mean", "ci_low", "ci_high"]].astype(float)
     y = np.arange(len(frame))[::-1]
     colours = [
         "black" if c == "total" else _VERDICT_COLOURS.get(v, "tab:blue")
@@ -90,17 +96,26 @@ def gap_bars(ranking: pd.DataFrame, total: pd.Series, at_chance: bool) -> plt.Fi
     bars = _has_interval(frame)
     ax.errorbar(100 * frame["mean"][bars], y[bars], xerr=_error_bars(frame[bars]), fmt="none", ecolor="black",
                 capsize=4)  # fmt: skip
-    labels = [f"{c} (n=1)" if n == 1 else c for c, n in zip(frame["component"], frame["n"], strict=True)]
+    labels = [f"{c} (1 block)" if n == 1 else c for c, n in zip(frame["component"], frame["blocks"], strict=True)]
     ax.set_yticks(y, labels)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("accuracy points (validation - training), final epoch, mean over distinct runs")
-    title = "Why validation beats training (red: real after Holm's correction)"
+    ax.set_xlabel("accuracy points (validation - training), final epoch, mean over blocks")
+    title = f"{_question(float(total['mean']))} (red: real after Holm's correction)"
     if at_chance:
         title = "AT CHANCE: the components are noise\n" + title
     ax.set_title(title, color="tab:red" if at_chance else "black")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
+
+
+def _question(total: float) -> str:
+    """The figure's title follows the sign of the total, as the report's heading does."""
+    return {
+        "validation beats training": "Why validation beats training",
+        "training beats validation": "Why training beats validation",
+        "level": "Validation and training are level: the gap's parts",
+    }.get(gap_leader(total), "The gap between validation and training")
 
 
 def best_worst_curves(curves: dict[str, pd.DataFrame], boundaries: dict[str, float | None]) -> plt.Figure:

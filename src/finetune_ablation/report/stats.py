@@ -1,10 +1,9 @@
-"""The report's statistics as small pure functions on pandas objects, so tests can redo them by hand.
-
-Every number is the final-epoch value of one run; the runs at one level of a factor are pooled over
-seeds and every other factor. Intervals are Student-t intervals for the mean: a study has 2-5 runs per
-level, where the normal 1.96 would claim far too much (t is 12.7 for two runs, 4.3 for three). The five
-gap components of a study are five tests at once: their verdicts are Holm-adjusted, so "real" keeps its
-5% error rate for the study as a whole, not per component."""
+"""The report's basic statistics and its reading of the runs, as small pure functions on pandas objects,
+so tests can redo them by hand: the t-interval, p-value, Holm's adjustment and verdict of one mean; which
+runs count; which params are factors. The means themselves are taken over independent replicate blocks
+(``blocked``): a study has 2-10 blocks, where the normal 1.96 would claim far too much (t is 12.7 for two
+blocks, 4.3 for three). The five gap components of a study are five tests at once: their verdicts are
+Holm-adjusted, so "real" keeps its 5% error rate for the study as a whole, not per component."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -42,7 +42,8 @@ class Summary:
 
 def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
     """Mean, sample sd (ddof=1) and the t-interval of the mean; missing values are left out."""
-    x = pd.Series(list(values), dtype=float).dropna()
+    x = np.asarray(values if isinstance(values, pd.Series | np.ndarray) else list(values), dtype=float)
+    x = x[~np.isnan(x)]
     n = len(x)
     if n == 0:
         return Summary(0, math.nan, math.nan, math.nan, math.nan)
@@ -50,6 +51,8 @@ def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summar
     if n == 1:
         return Summary(1, mean, math.nan, math.nan, math.nan)
     sd = float(x.std(ddof=1))
+    if sd == 0:
+        return Summary(n, mean, 0.0, mean, mean)
     half = float(stats.t.ppf((1 + confidence) / 2, df=n - 1)) * sd / math.sqrt(n)
     return Summary(n, mean, sd, mean - half, mean + half)
 
@@ -73,22 +76,27 @@ def holm(p_values: Iterable[float]) -> list[float]:
     return out
 
 
+ABSENT = "absent: exactly 0 in every block"
+ONE_BLOCK = "one block only: no interval, repeat over more seeds"
+REAL = "real"
+
+
 def verdict(s: Summary, p_adjusted: float | None = None, tests: int = 1) -> str:
-    """Plain words for one gap component: is it there, beyond run-to-run noise? ``p_adjusted`` is its
-    Holm-adjusted p over ``tests`` components tested together (None: tested alone)."""
+    """Plain words for one mean over blocks: is it there, beyond block-to-block noise? ``p_adjusted`` is
+    its Holm-adjusted p over ``tests`` means tested together (None: tested alone)."""
     if s.n == 0:
         return "not measured (diagnostics=off)"
     if s.n == 1:
-        return "one run only: no interval, repeat over seeds"
+        return ONE_BLOCK
     if s.sd == 0:
         if s.mean == 0:
-            return "absent: exactly 0 in every run"
-        return f"no variation: the same value in all {s.n} runs, so no interval"
+            return ABSENT
+        return f"no variation: the same value in all {s.n} blocks, so no interval"
     if not s.excludes_zero():
         return "not distinguishable from zero"
     if p_adjusted is not None and not p_adjusted < 1 - CONFIDENCE:
         return f"interval excludes zero, but not after Holm's correction for {tests} tests"
-    return "real"
+    return REAL
 
 
 def _tag(runs: pd.DataFrame, name: str) -> pd.Series:
@@ -235,37 +243,6 @@ def final_metrics(runs: pd.DataFrame, metrics: Iterable[str]) -> pd.DataFrame:
         for m in metrics
     }
     return pd.DataFrame(columns, index=runs.index)
-
-
-def factor_table(values: pd.DataFrame, factor: Factor, units: pd.Series) -> pd.DataFrame:
-    """Long table: one row per (level, metric) with ``runs`` (finished runs at the level), ``n`` (distinct
-    runs with a value: copies merged by ``units``, each the mean of its runs), mean, sd and the interval."""
-    rows = []
-    for level in factor.order:
-        at_level = values[factor.levels == level]
-        distinct = at_level.groupby(units.loc[at_level.index]).mean()
-        for metric in values.columns:
-            s = summarize(distinct[metric])
-            rows.append({"factor": factor.name, "level": level, "runs": len(at_level), "metric": metric, **vars(s)})
-    return pd.DataFrame(rows)
-
-
-def gap_ranking(values: pd.DataFrame, components: Iterable[str]) -> pd.DataFrame:
-    """Gap components over the whole study (one row of ``values`` per distinct run), largest absolute
-    mean first, each with its p-value, its Holm-adjusted p over the components tested, and its verdict."""
-    rows = []
-    for component in components:
-        s = summarize(values[component]) if component in values else summarize([])
-        rows.append({"component": component, **vars(s), "p": p_value(s)})
-    frame = pd.DataFrame(rows)
-    frame["p_holm"] = holm(frame["p"])
-    tests = int(frame["p"].notna().sum())
-    frame["verdict"] = [
-        verdict(Summary(r.n, r.mean, r.sd, r.ci_low, r.ci_high), None if math.isnan(r.p_holm) else r.p_holm, tests)
-        for r in frame.itertuples()
-    ]
-    order = frame["mean"].abs().fillna(-1).sort_values(ascending=False, kind="stable").index
-    return frame.loc[order].reset_index(drop=True)
 
 
 def best_and_worst(finished: pd.DataFrame) -> tuple[str, str] | None:
