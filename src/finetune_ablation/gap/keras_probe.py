@@ -79,11 +79,25 @@ def _default_keras() -> ModuleType:
     return keras
 
 
+def _version(k: ModuleType) -> str:
+    """The Keras version of a module (``tf.keras`` under tf-keras 2 keeps it on its distribution only)."""
+    version = getattr(k, "__version__", None)
+    if version:
+        return str(version)
+    from importlib import metadata
+
+    top = k.__name__.split(".")[0]
+    try:
+        return metadata.version(top.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def probe(keras_module: ModuleType | None = None) -> KerasBehaviour:
     """Measure what ``keras_module`` (default: ``keras``; pass ``tf.keras`` for tf-keras 2) does during
     ``fit`` with ``training=False``, once per process and module."""
     k = keras_module or _default_keras()
-    key = f"{k.__name__}:{k.__version__}"
+    key = f"{k.__name__}:{_version(k)}"
     if key not in _CACHE:
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
@@ -141,7 +155,7 @@ def _bare_call_augments(k) -> bool:
 def _measure(k) -> KerasBehaviour:
     fit_loss, inference_loss = _dropout_losses(k)
     return KerasBehaviour(
-        keras_version=str(k.__version__),
+        keras_version=_version(k),
         bn_moving_mean_change=_bn_change(k, trainable=True),
         frozen_bn_moving_mean_change=_bn_change(k, trainable=False),
         dropout_fit_loss=fit_loss,
