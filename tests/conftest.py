@@ -1,5 +1,6 @@
-"""Shared fixtures: generated 32x32 image folders and a temp MLflow store. Plain helpers (the fast
-settings, composing the config, running ``ablate``) are in ``tests/helpers.py``."""
+"""Shared fixtures: generated 32x32 image folders, a temp MLflow store and a PostgreSQL server (used by
+the engine and SLURM tests). Plain helpers (the fast settings, composing the config, running ``ablate``)
+are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from finetune_ablation.demo_data import write_image_folder
 
-from .helpers import new_store
+from . import servers
+from .helpers import new_store, require_module
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,15 @@ def own_image_dir(image_dir, tmp_path) -> Path:
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     return new_store(tmp_path)
+
+
+@pytest.fixture
+def postgres() -> servers.Postgres:
+    """A throwaway PostgreSQL server on 127.0.0.1 (tests/servers.py); skips, saying why, without one."""
+    require_module("psycopg", "pip install -e '.[engines]'")
+    try:
+        servers.require_postgres()
+    except servers.ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    with servers.postgres_server() as pg:
+        yield pg

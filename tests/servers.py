@@ -295,3 +295,196 @@ def ray_cluster(num_cpus: int = 2) -> Iterator[str]:
     finally:
         _stop_group(proc)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- SLURM ---------------------------------------------------------------------------------------------
+
+SLURM_PROGRAMS = (
+    "munged",
+    "mungekey",
+    "munge",
+    "unmunge",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "squeue",
+    "scancel",
+    "sinfo",
+)
+SLURM_PARTITION = "debug"
+SLURM_LIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"})
+
+
+@dataclass(frozen=True)
+class Slurm:
+    """A running one-node cluster: its config file, the folder of its stand-in ``sacct`` and its partition."""
+
+    conf: Path
+    bin_dir: Path
+    partition: str
+    cpus: int
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What every client command (``sbatch``, ``squeue``, ``ablate`` with the submitit launcher) needs:
+        the config file, and the stand-in ``sacct`` first on the PATH. ``sbatch`` passes both to the jobs."""
+        return {"SLURM_CONF": str(self.conf), "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """A SLURM client command (``squeue``, ``scancel``, ...) against this cluster."""
+        return subprocess.run(
+            list(args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **self.env}
+        )
+
+    def jobs(self) -> list[tuple[str, str]]:
+        """(job id, state) of every job the controller still knows, finished ones included."""
+        out = self.run("squeue", "-h", "-t", "all", "-o", "%i|%T").stdout
+        return [tuple(line.split("|", 1)) for line in out.splitlines() if "|" in line]  # type: ignore[misc]
+
+
+def _sbin(name: str) -> str | None:
+    """A SLURM or munge program: on the PATH, or in /usr/sbin where Debian puts the daemons."""
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin{os.pathsep}/sbin")
+
+
+def require_slurm() -> None:
+    """Raise ServerUnavailable (the reason a test skips) unless a SLURM cluster can run here."""
+    missing = [name for name in SLURM_PROGRAMS if _sbin(name) is None]
+    if missing:
+        raise ServerUnavailable(
+            f"no SLURM here ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge "
+            "(.ci/run does)"
+        )
+    if os.geteuid() != 0:
+        raise ServerUnavailable("slurmd must run as root to start jobs: run the SLURM tests as root (CI does)")
+
+
+# A stand-in for ``sacct`` on a cluster without accounting (this one): submitit asks sacct for the state of
+# a job that ended without writing its result (cancelled, timed out), and waits forever without an answer.
+# squeue knows every job for MinJobAge after its end; this prints what sacct would (docs/scaling-out.md).
+_SACCT = """#!/bin/sh
+ids=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -j) ids="$ids,$2"; shift 2 ;;
+        *) shift ;;
+    esac
+done
+echo "JobID|State|NodeList"
+[ -n "$ids" ] && exec squeue -h -t all -j "${ids#,}" -o '%i|%T|%N'
+"""
+
+
+def _slurm_conf(root: Path, socket_path: Path, cpus: int, memory_mb: int) -> str:
+    """The settings a one-node cluster needs on a machine without systemd or cgroups."""
+    state, spool = root / "state", root / "spool"
+    lines = {
+        "ClusterName": "ablate-test",
+        "SlurmctldHost": f"localhost({HOST})",
+        "SlurmctldPort": free_port(),
+        "SlurmdPort": free_port(),
+        "SlurmUser": "root",
+        "AuthType": "auth/munge",
+        "AuthInfo": f"socket={socket_path}",
+        "CredType": "cred/munge",
+        "ProctrackType": "proctrack/linuxproc",  # no cgroups here
+        "TaskPlugin": "task/none",
+        "AccountingStorageType": "accounting_storage/none",
+        "JobAcctGatherType": "jobacct_gather/none",
+        "JobCompType": "jobcomp/none",
+        "SelectType": "select/cons_tres",
+        "SelectTypeParameters": "CR_Core",
+        "SlurmdParameters": "config_overrides",  # the node is what this file says, whatever the hardware
+        "MailProg": "/bin/true",
+        "MinJobAge": 86400,  # squeue (and so the stand-in sacct) knows ended jobs for the whole test
+        "KillWait": 2,  # seconds from scancel's SIGTERM to SIGKILL (default 30)
+        "ReturnToService": 2,
+        "StateSaveLocation": state,
+        "SlurmdSpoolDir": spool,
+        "SlurmctldPidFile": root / "slurmctld.pid",
+        "SlurmdPidFile": root / "slurmd.pid",
+        "SlurmctldLogFile": root / "slurmctld.log",
+        "SlurmdLogFile": root / "slurmd.log",
+    }
+    text = "".join(f"{key}={value}\n" for key, value in lines.items())
+    text += f"NodeName=localhost NodeAddr={HOST} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN\n"
+    text += f"PartitionName={SLURM_PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP\n"
+    return text
+
+
+def _munge_works(socket_path: Path) -> bool:
+    if not socket_path.exists():
+        return False
+    cred = subprocess.run(["munge", "-n", "-S", str(socket_path)], capture_output=True, timeout=10)
+    if cred.returncode != 0:
+        return False
+    return subprocess.run(["unmunge", "-S", str(socket_path)], input=cred.stdout, capture_output=True).returncode == 0
+
+
+def _node_idle(slurm: Slurm) -> bool:
+    try:
+        found = slurm.run("sinfo", "-h", "-n", "localhost", "-o", "%T", timeout=10).stdout.split()
+    except subprocess.TimeoutExpired:
+        return False
+    return found == ["idle"]
+
+
+def _stop_slurm_jobs(slurm: Slurm, timeout: float = 60) -> None:
+    """Cancel every job and wait until none is left running (their processes are gone)."""
+    slurm.run("scancel", "--partition", slurm.partition)
+    deadline = time.monotonic() + timeout
+    while any(state in SLURM_LIVE_STATES for _, state in slurm.jobs()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def slurm_cluster(cpus: int = 2) -> Iterator[Slurm]:
+    """A one-node SLURM cluster on 127.0.0.1: ``munged``, ``slurmctld`` and ``slurmd`` each in the
+    foreground in its own session, with their own key, config, state and spool folders and free ports.
+    Yields once the node is idle; on exit cancels every job, then stops the daemons.
+
+    The folder is short (munge's socket path has a length limit) and made under the system temp dir."""
+    require_slurm()
+    root = Path(tempfile.mkdtemp(prefix="slurm-"))
+    os.chmod(root, 0o711)  # jobs may run as another user: they need to reach munge's socket
+    procs: list[subprocess.Popen] = []
+    try:
+        munge_dir, run_dir, bin_dir = root / "munge", root / "run", root / "bin"
+        for folder, mode in ((munge_dir, 0o700), (run_dir, 0o711), (bin_dir, 0o755), (root / "state", 0o755)):
+            folder.mkdir()
+            os.chmod(folder, mode)
+        (root / "spool").mkdir()
+        key, socket_path = munge_dir / "munge.key", run_dir / "munge.socket"
+        subprocess.run([str(_sbin("mungekey")), "-c", "-k", str(key)], check=True, capture_output=True, timeout=30)
+        munge_log = munge_dir / "munged.log"
+        munged = [
+            *(str(_sbin("munged")), "-F", "--force", f"--socket={socket_path}", f"--key-file={key}"),
+            *(f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_log}", f"--seed-file={munge_dir / 'seed'}"),
+        ]
+        procs.append(_spawn(munged, root / "munged.out"))
+        wait_until(lambda: _munge_works(socket_path), "munged", root / "munged.out", procs[-1], timeout=60)
+
+        sacct = bin_dir / "sacct"
+        sacct.write_text(_SACCT)
+        sacct.chmod(0o755)
+        memory_mb = max(1024, _memory_mb() // 2)
+        conf = root / "slurm.conf"
+        conf.write_text(_slurm_conf(root, socket_path, cpus, memory_mb))
+        slurm = Slurm(conf, bin_dir, SLURM_PARTITION, cpus)
+        env = {"SLURM_CONF": str(conf)}
+        procs.append(_spawn([str(_sbin("slurmctld")), "-D", "-i", "-f", str(conf)], root / "slurmctld.out", env))
+        procs.append(_spawn([str(_sbin("slurmd")), "-D", "-N", "localhost", "-f", str(conf)], root / "slurmd.out", env))
+        wait_until(lambda: _node_idle(slurm), "slurmd", root / "slurmd.log", procs[-1], timeout=120)
+        try:
+            yield slurm
+        finally:
+            _stop_slurm_jobs(slurm)
+    finally:
+        for proc in reversed(procs):
+            _stop_group(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _memory_mb() -> int:
+    """This machine's memory in MB (the node's ``RealMemory`` must not exceed it)."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20)

@@ -5,7 +5,7 @@ fixtures (tests/servers.py); each test runs the real ``ablate`` commands in subp
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +14,11 @@ import optuna
 import pandas as pd
 import pytest
 
+from finetune_ablation import record as rec
 from finetune_ablation import tracking
 
 from . import servers
-from .helpers import FAST, history, new_store, run_ablate, runs
+from .helpers import FAST, THREAD_SENSITIVE, history, new_store, require_module, run_ablate, runs
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
 
@@ -35,26 +36,10 @@ def mlflow_http(tmp_path) -> str:
         yield uri
 
 
-def _require(module: str, install: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed: {install} (.ci/run does)")
-
-
-@pytest.fixture
-def postgres() -> servers.Postgres:
-    _require("psycopg", "pip install -e '.[engines]'")
-    try:
-        servers.require_postgres()
-    except servers.ServerUnavailable as exc:
-        pytest.skip(str(exc))
-    with servers.postgres_server() as pg:
-        yield pg
-
-
 @pytest.fixture
 def ray_address() -> str:
-    _require("ray", "pip install -e '.[engines]'")
-    _require("hydra_plugins.hydra_ray_launcher", "pip install --no-deps hydra-ray-launcher==1.2.2")
+    require_module("ray", "pip install -e '.[engines]'")
+    require_module("hydra_plugins.hydra_ray_launcher", "pip install --no-deps hydra-ray-launcher==1.2.2")
     try:
         with servers.ray_cluster() as address:
             yield address
@@ -101,13 +86,16 @@ def test_a_joblib_sweep_logs_through_an_mlflow_server(tmp_path, image_dir, mlflo
     """Two joblib workers log over HTTP; artifacts go through the server into its own folder; the report
     and the reproduction work against the server."""
     joblib = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    # threads=1 as logged config: the default (cores / parallel jobs) is not logged, so a reproduction
-    # in one process would use 2 threads and differ in the last float bits (reported to the lead)
-    _sweep(tmp_path, image_dir, mlflow_http, "model.dropout=0,0.5", "threads=1", *joblib)
+    _sweep(tmp_path, image_dir, mlflow_http, f"{THREAD_SENSITIVE},150", *joblib)
     parent, children = _parent_and_children(mlflow_http)
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep.jobs"] == "2"
-    assert sorted(c.data.params["model.dropout"] for c in children) == ["0.0", "0.5"]
+    assert sorted(c.data.params["model.fine_tune_at"] for c in children) == ["0", "150"]
     assert all(c.info.status == "FINISHED" for c in children)
+    # each job logged its share of the cores: the count the reproduction below must use again
+    cores = len(os.sched_getaffinity(0))
+    assert {c.data.params["threads"] for c in children} == {str(max(1, cores // 2))}
+    granted = f"{cores} cores / 2 parallel jobs (joblib n_jobs)"
+    assert {c.data.tags[rec.THREADS_GRANTED_TAG] for c in children} == {granted}
     assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in [parent, *children])  # proxied
     stored = tmp_path / "server" / "artifacts"  # the server's --artifacts-destination, read from disk
     (summary,) = stored.rglob(f"{parent.info.run_id}/artifacts/sweep_summary.csv")
@@ -122,12 +110,22 @@ def test_a_joblib_sweep_logs_through_an_mlflow_server(tmp_path, image_dir, mlflo
     assert len(pd.read_csv(report / "runs.csv")) == 2
     assert list(stored.rglob(f"{parent.info.run_id}/artifacts/report/report.md"))  # logged back to the parent
 
-    child = children[0]
+    # a job of a parallel sweep reproduces bit for bit in one process, which alone would use every core
+    child = next(c for c in children if c.data.params["model.fine_tune_at"] == "0")
     assert "match" in _ok(_console("ablate-reproduce", child.info.run_id, "--tracking-uri", mlflow_http))
     (again,) = (r for r in runs(mlflow_http) if r.data.tags.get("reproduced_from") == child.info.run_id)
     assert history(mlflow_http, again.info.run_id, "val_accuracy") == history(
         mlflow_http, child.info.run_id, "val_accuracy"
     )
+    assert again.data.tags[rec.WEIGHTS_DIGEST_TAG] == child.data.tags[rec.WEIGHTS_DIGEST_TAG]
+    assert again.data.params["threads"] == child.data.params["threads"]
+    # the control: the same job with one thread more gives other bits here, so the match above needed the
+    # logged count (a reproduction with this process's own count would not match)
+    more = int(child.data.params["threads"]) + 1
+    control = [*QUICK, f"data.dir={image_dir}", THREAD_SENSITIVE, f"threads={more}", "tracking.experiment=control"]
+    _ok(run_ablate(*control, f"tracking.uri={mlflow_http}", cwd=tmp_path, timeout=1500))
+    (other,) = runs(mlflow_http, "control")
+    assert other.data.tags[rec.WEIGHTS_DIGEST_TAG] != child.data.tags[rec.WEIGHTS_DIGEST_TAG]
 
 
 @pytest.mark.slow
@@ -187,7 +185,7 @@ def test_a_ray_sweep_groups_under_one_parent_and_shares_phase1(tmp_path, image_d
         tmp_path,
         image_dir,
         uri,
-        "train.fine_tune_lr=0.0001,0.001",  # phase 2 only: both jobs share phase 1
+        f"{THREAD_SENSITIVE},150",  # phase 2 only: both jobs share phase 1
         *("cache.phase1=true", f"cache.dir={tmp_path / 'cache'}"),
         *("hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_address}"),
         "+hydra.launcher.ray.init.object_store_memory=null",  # the launcher's CI default breaks connecting
@@ -201,3 +199,12 @@ def test_a_ray_sweep_groups_under_one_parent_and_shares_phase1(tmp_path, image_d
     assert len({c.data.tags["phase1_cache_key"] for c in children}) == 1
     first, second = (history(uri, c.info.run_id, "val_accuracy")[0] for c in children)
     assert first == second  # phase 1's last epoch: the very same numbers in both runs
+    # the thread count is the CPU Ray granted each task (num_cpus=1), not the node's cores
+    assert {c.data.params["threads"] for c in children} == {"1"}
+    assert {c.data.tags[rec.THREADS_GRANTED_TAG] for c in children} == {"Ray num_cpus=1"}
+    # the whole-base job reproduces bit for bit in one plain process (phase 1 trained again, 1 thread where
+    # this process alone would use every core; the joblib test shows that the count changes its bits)
+    deep = next(c for c in children if c.data.params["model.fine_tune_at"] == "0")
+    assert "match" in _ok(_console("ablate-reproduce", deep.info.run_id, "--tracking-uri", uri))
+    (again,) = (r for r in runs(uri) if r.data.tags.get(rec.REPRODUCED_TAG) == deep.info.run_id)
+    assert again.data.tags[rec.WEIGHTS_DIGEST_TAG] == deep.data.tags[rec.WEIGHTS_DIGEST_TAG]

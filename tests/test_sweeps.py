@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow.entities import Run
 
+from finetune_ablation import record as rec
 from finetune_ablation.paths import EXPERIMENTS_DIR
 from finetune_ablation.run import resume
 from finetune_ablation.run.parent_run import find_parent_run, tag_filter
@@ -272,12 +273,12 @@ def test_resume_says_when_code_or_packages_changed(tmp_path, image_dir):
         client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
-    old_code = finished(**{"code.sha256": "0" * 64, "git.commit": "a" * 40})
+    old_code = finished(**{"code.sha256": "0" * 64, rec.GIT_COMMIT_TAG: "a" * 40})
     decision = resume.decide(client, experiment, cfg, tags)
     assert decision.reuse is None
     assert decision.reason == (
         f"re-running: a FINISHED run of this config exists ({old_code}) but the code changed "
-        f"(commit aaaaaaaaaaaa->{tags['git.commit'][:12]})"
+        f"(commit aaaaaaaaaaaa->{tags[rec.GIT_COMMIT_TAG][:12]})"
     )
     old_keras = finished(**{"version.keras": "2.0.0"})
     decision = resume.decide(client, experiment, cfg, tags)

@@ -51,7 +51,8 @@ def _config_error_line(exc: BaseException) -> str:
 def main() -> None:
     """Console-script entry point (``ablate``).
 
-    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, run/parent_run.py) or a bug
+    Exit status: 0 done; 1 a job of a multirun failed (the sweep callback decides, run/parent_run.py), a
+    launcher's job ended without a result (a cancelled SLURM job: one ``error: ...`` line) or a bug
     (traceback); 2 bad input: a config Hydra cannot compose (unknown group option, misspelt key, wrong
     type, bad override or search grammar, bad sweeper setting) or a bad value or store (one
     ``error: ...`` line, no traceback). ``HYDRA_FULL_ERROR=1`` shows Hydra's full message instead."""
@@ -71,6 +72,14 @@ def main() -> None:
             raise
         print(f"error: {_config_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:  # a launcher's job that ended without a result (a cancelled SLURM job)
+        from .lost_jobs import lost_job_line
+
+        line = lost_job_line(exc)
+        if line is None or full_error:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ Every key has a ``Role`` in its field metadata (a group's role is inherited by i
 ``phase1``). Every consumer derives from it, so a key added tomorrow is classified where it is declared:
 the phase-1 cache key hashes every key that is not ``phase2``, ``recording``, ``display`` or
 ``data_source`` (a new key is in it by default: fail safe), the config hash (resume) every key that is
-not ``recording`` or ``display``, the report's factors and the reproduce comparison only keys that
-decide what a run computes. ``replicate`` marks the seeds a study averages over."""
+not ``recording``, ``display`` or ``execution``, the report's factors and the reproduce comparison only
+keys that decide what a run computes. ``replicate`` marks the seeds a study averages over."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ class Role(str, Enum):
     phase2 = "phase2"  # only what phase 2 computes: outside the phase-1 cache key
     data_source = "data_source"  # where the images come from: the keys hash their content instead
     equivalent = "equivalent"  # how it is computed, equal to float tolerance: in the keys, not a factor
+    # what the job ran with (TensorFlow's threads): the same computation, other last float bits. In the
+    # phase-1 key (a cached phase 1 must hold the bits this run computes), not in resume's config hash and
+    # not a factor (runs that differ only in it are one replicate: resume reuses, the report merges them)
+    execution = "execution"
     recording = "recording"  # where, whether and how a run is recorded or cached: in no key
     display = "display"  # what the console shows: in no key
 
@@ -44,13 +48,14 @@ ROLE = "role"  # the field-metadata key holding a Role
 REPLICATE = "replicate"  # field metadata: a seed the report averages over, never a factor
 # Keys that decide what a run computes: the report's factors and copies, the reproduce comparison.
 COMPUTING = frozenset({Role.phase1, Role.phase2, Role.data_source})
-NOT_HASHED = frozenset({Role.recording, Role.display})  # left out of tracking.config_hash
+NOT_HASHED = frozenset({Role.recording, Role.display, Role.execution})  # left out of tracking.config_hash
 
 
 # Field metadata, e.g. ``fine_tune_epochs: int = field(default=5, metadata=PHASE2)``
 PHASE2 = {ROLE: Role.phase2}
 DATA_SOURCE = {ROLE: Role.data_source}
 EQUIVALENT = {ROLE: Role.equivalent}
+EXECUTION = {ROLE: Role.execution}
 RECORDING = {ROLE: Role.recording}
 DISPLAY = {ROLE: Role.display}
 SEED = {REPLICATE: True}
@@ -149,8 +154,9 @@ class Config:
     seed: int = field(default=42, metadata=SEED)
     # Multirun jobs whose config already FINISHED in the experiment are skipped (not retrained).
     resume: bool = field(default=True, metadata=RECORDING)
-    # TF threads per job; null = all cores, divided among the launcher's parallel jobs.
-    threads: int | None = field(default=None, metadata=RECORDING)
+    # TF threads per job; null = what the engine granted the job (SLURM_CPUS_PER_TASK, Ray's num_cpus, else
+    # the cores), divided among the launcher's parallel jobs. The run logs the count it used (threads.py).
+    threads: int | None = field(default=None, metadata=EXECUTION)
     # Filled by the Optuna sweeper (its hand-off to the live study); here so the schema accepts it.
     optuna: Any = field(default=None, metadata=RECORDING)
 

@@ -33,6 +33,8 @@ from .record import (
     PID_NAMESPACE_TAG,
     PID_TAG,
     PROCESS_START_TAG,
+    SLURM_CLUSTER_TAG,
+    SLURM_JOB_TAG,
 )
 
 log = logging.getLogger("finetune_ablation")
@@ -69,6 +71,19 @@ def process_start(pid: int) -> float | None:
         return None
 
 
+def slurm_job_tags() -> dict[str, str]:
+    """In a SLURM job: its id as ``squeue``/``scancel`` and submitit's log folders name it (``<array
+    job>_<task>`` for an array task, as the submitit launcher submits) and its cluster."""
+    env = os.environ
+    if not env.get("SLURM_JOB_ID"):
+        return {}
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    tags = {SLURM_JOB_TAG: f"{array}_{task}" if array and task else env["SLURM_JOB_ID"]}
+    if env.get("SLURM_CLUSTER_NAME"):
+        tags[SLURM_CLUSTER_TAG] = env["SLURM_CLUSTER_NAME"]
+    return tags
+
+
 def process_tags() -> dict[str, str]:
     """The tags that name this process, given to a run when it is created (so no run lacks them)."""
     return {
@@ -78,6 +93,7 @@ def process_tags() -> dict[str, str]:
         PROCESS_START_TAG: f"{process_start(os.getpid()):.2f}",
         HEARTBEAT_TAG: format_time(now_utc()),
         HEARTBEAT_INTERVAL_TAG: f"{HEARTBEAT_INTERVAL_S:g}",
+        **slurm_job_tags(),
     }
 
 

@@ -4,16 +4,22 @@ Every ``ablate`` and ``ablate-report`` calls ``reap_once`` when it opens a store
 liveness tags its process gave it (``liveness``):
 - same host and pid namespace: dead when no live process has its pid, or the pid now belongs to a
   process that started at another time (the pid was reused). This is exact, so it acts at once.
-- another host (or container): dead when its heartbeat is older than ``STALE_AFTER_S`` (and at least
-  ten of its own heartbeat intervals). Clocks of the two hosts are compared, so the limit is generous.
+- another host (or container), in a SLURM job (``liveness.slurm_job``) of the cluster this machine's
+  ``squeue`` serves: dead as soon as SLURM says the job ended (the login node of a cluster cannot see a
+  compute node's processes, but the controller knows its jobs).
+- another host otherwise: dead when its heartbeat is older than ``STALE_AFTER_S`` (and at least ten of
+  its own heartbeat intervals). Clocks of the two hosts are compared, so the limit is generous.
 A run without liveness tags (made by another tool, or before the suite had them) is left alone, and so
 is every run whose process lives. A reaped run gets the reason as tags and its last heartbeat as end time."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
 import socket
+import subprocess
 from collections.abc import Mapping
 from datetime import datetime
 
@@ -22,7 +28,7 @@ import psutil
 from mlflow.entities import Run, ViewType
 
 from . import liveness
-from .record import REAPED_BY_TAG, REAPED_TAG
+from .record import REAPED_BY_TAG, REAPED_TAG, SLURM_CLUSTER_TAG, SLURM_JOB_TAG
 
 log = logging.getLogger("finetune_ablation")
 
@@ -36,6 +42,51 @@ def _parse_time(text: str | None) -> datetime | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
     except ValueError:
         return None
+
+
+# squeue's states of a job whose processes are gone (a PENDING, RUNNING, COMPLETING, SUSPENDED... job may live)
+SLURM_ENDED_STATES = frozenset(
+    {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+)
+_SLURM_TIMEOUT_S = 15
+
+
+@functools.cache
+def _slurm_cluster_here(slurm_conf: str | None) -> str | None:
+    """The ClusterName of the SLURM controller this machine's commands talk to (None: no SLURM here),
+    once per config file (``$SLURM_CONF``, else SLURM's default)."""
+    if shutil.which("scontrol") is None or shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            return value.strip() or None
+    return None
+
+
+def slurm_job_ended(job: str, cluster: str | None) -> str | None:
+    """Why SLURM says ``job`` of ``cluster`` has ended; None while it may run, or when this machine's
+    SLURM is another cluster or does not answer (then the heartbeat decides)."""
+    if not job or cluster is None or _slurm_cluster_here(os.environ.get("SLURM_CONF")) != cluster:
+        return None
+    try:
+        query = ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"]
+        found = subprocess.run(query, capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if found.returncode != 0:
+        # the controller forgets a job MinJobAge after its end; any other error says nothing
+        return f"SLURM job {job} has ended (squeue no longer knows it)" if "Invalid job id" in found.stderr else None
+    states = found.stdout.split()
+    if states and all(state in SLURM_ENDED_STATES for state in states):
+        return f"SLURM job {job} is {states[0]}"
+    return None
 
 
 def death_reason(tags: Mapping[str, str], now: datetime | None = None) -> str | None:
@@ -59,6 +110,9 @@ def death_reason(tags: Mapping[str, str], now: datetime | None = None) -> str | 
         if abs(started - recorded) > START_TOLERANCE_S:
             return f"pid {pid} on {host} now belongs to another process (the run's process is gone)"
         return None
+    ended = slurm_job_ended(tags.get(SLURM_JOB_TAG, ""), tags.get(SLURM_CLUSTER_TAG))
+    if ended is not None:
+        return f"{ended} (process {pid} on {host})"
     beat = _parse_time(tags.get(liveness.HEARTBEAT_TAG))
     if beat is None:
         return None

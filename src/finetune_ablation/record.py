@@ -21,7 +21,8 @@ MAX_RUN_NAME_LENGTH = 250
 
 CONFIG_HASH_TAG = "config_hash"  # tracking.config_hash: the config without recording-only keys
 CODE_TAG = "code.sha256"  # a hash of the package's source
-GIT_COMMIT_TAG = "git.commit"
+# MLflow's own tag for the commit of the code that ran: its runs table shows it as "Version"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_DIRTY_TAG = "git.dirty"
 VERSION_TAG_PREFIX = "version."  # version.<distribution>
 WEIGHTS_FILE_TAG = "model.weights_file_sha256"  # when model.weights is a file
@@ -30,6 +31,7 @@ HYDRA_OUTPUT_DIR_TAG = "hydra.output_dir"
 HYDRA_JOB_TAG = "hydra.job"
 HYDRA_SWEEPER_TAG = "hydra.sweeper"  # on a sweep's parent
 HYDRA_LAUNCHER_TAG = "hydra.launcher"  # on a sweep's parent
+THREADS_GRANTED_TAG = "threads.granted_by"  # what decided the job's TF thread count (the param ``threads``)
 
 # Tags the training writes
 DATA_FINGERPRINT_TAG = "data.fingerprint"
@@ -41,7 +43,6 @@ SAME_BASE_OBJECT_TAG = "answer.same_base_object"
 TRAINING_FALSE_KEEPS_BN_FROZEN_TAG = "answer.training_false_keeps_bn_frozen"
 DROPOUT_AFTER_TRAINING_FALSE_TAG = "answer.dropout_after_training_false_active"
 KERAS_PROBE_TAG = "answer.keras_probe"
-BASE_LAYERS_TAG = "model.base_layers"
 WEIGHTS_DIGEST_TAG = "model.weights_sha256"  # every model variable hashed: bit-identity in one string
 MODEL_URI_TAG = "model.uri"
 PHASE1_CACHE_TAG = "phase1_cache"  # hit | miss | off
@@ -96,12 +97,16 @@ PID_TAG = "liveness.pid"
 PROCESS_START_TAG = "liveness.process_start"  # the process's start time, seconds since the epoch
 HEARTBEAT_TAG = "liveness.heartbeat"  # UTC, ISO 8601, refreshed every liveness.HEARTBEAT_INTERVAL_S
 HEARTBEAT_INTERVAL_TAG = "liveness.heartbeat_interval_s"
+SLURM_JOB_TAG = "liveness.slurm_job"  # the SLURM job running the process (``<array>_<task>`` for an array task)
+SLURM_CLUSTER_TAG = "liveness.slurm_cluster"  # its cluster's ClusterName
 REAPED_TAG = "liveness.reaped"  # why the run was marked KILLED
 REAPED_BY_TAG = "liveness.reaped_by"  # which process marked it, and when
 
 # MLflow's own
 MLFLOW_PARENT_RUN_TAG = "mlflow.parentRunId"
 MLFLOW_RUN_NAME_TAG = "mlflow.runName"
+# A run's or an experiment's description, Markdown, shown first on its page (descriptions.py writes it)
+DESCRIPTION_TAG = "mlflow.note.content"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # an experiment tag; MLflow 3.17's UI ignores it
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,7 +117,8 @@ VAL_COUNT_PARAM_PREFIX = f"{DATA_COUNT_PARAM_PREFIX}val."
 CLASS_NAMES_PARAM = "data.class_names"
 FINE_TUNE_AT_INDEX_PARAM = "model.fine_tune_at_index"
 FIRST_UNFROZEN_PARAM = "model.first_unfrozen_layer"
-DERIVED_PARAMS = (CLASS_NAMES_PARAM, FINE_TUNE_AT_INDEX_PARAM, FIRST_UNFROZEN_PARAM)
+BASE_LAYERS_PARAM = "model.base_layers"  # how many layers the base has (154 for Keras 3's MobileNetV2)
+DERIVED_PARAMS = (CLASS_NAMES_PARAM, FINE_TUNE_AT_INDEX_PARAM, FIRST_UNFROZEN_PARAM, BASE_LAYERS_PARAM)
 OPTUNA_BEST_PARAM_PREFIX = "optuna.best."  # on a sweep's parent: the best trial's values
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,6 +181,14 @@ REPRODUCE_COMPARISON_CSV = "reproduce_comparison.csv"  # on a reproduction
 
 def trainable_report_artifact(phase: int) -> str:
     return f"trainable_weights_phase{phase}.txt"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets (MLflow's dataset API, ``mlflow.log_input``): each split of the data folder, by its context
+
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # MLflow's input tag saying what a dataset was used for
+DATASET_CONTEXTS = {"train": "training", "val": "validation"}  # split -> its value of DATASET_CONTEXT_TAG
+DATASET_DIGEST_LENGTH = 12  # hex digits of the split's fingerprint kept as the dataset digest (MLflow's cap: 36)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .config import NOT_HASHED, TrackingConfig, schema_of, without_roles
 from .errors import UserError
 from .paths import PROJECT_ROOT, default_tracking_uri
 from .record import (
+    DESCRIPTION_TAG,
     ERROR_TAG,
     EXPERIMENT_KIND_TAG,
     GIT_COMMIT_TAG,
@@ -106,7 +107,10 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def ensure_experiment(client: mlflow.MlflowClient, uri: str, name: str) -> str:
-    """The experiment's id, creating it if needed; safe when parallel jobs race to create it."""
+    """The experiment's id, creating it if needed; safe when parallel jobs race to create it. It is described
+    (what it holds: descriptions.experiment_description) unless someone described it already."""
+    from .descriptions import experiment_description
+
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         if existing.lifecycle_stage == "deleted":
@@ -114,10 +118,12 @@ def ensure_experiment(client: mlflow.MlflowClient, uri: str, name: str) -> str:
                 f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore) or set "
                 "tracking.experiment to another name"
             )
+        if DESCRIPTION_TAG not in existing.tags:  # an experiment from before the suite described them
+            client.set_experiment_tag(existing.experiment_id, DESCRIPTION_TAG, experiment_description(name))
         return existing.experiment_id
     try:
-        kind = {EXPERIMENT_KIND_TAG: "custom_model_development"}
-        return client.create_experiment(name, artifact_location=_artifact_location(uri, name), tags=kind)
+        tags = {EXPERIMENT_KIND_TAG: "custom_model_development", DESCRIPTION_TAG: experiment_description(name)}
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, name), tags=tags)
     except MlflowException:
         existing = client.get_experiment_by_name(name)
         if existing is None:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .. import chance
 from .. import record as rec
+from ..descriptions import report_description
 from ..errors import UserError, run_cli
 from ..paths import CONF_DIR
 from ..reaper import reap_once
@@ -334,6 +335,7 @@ def build(args: argparse.Namespace) -> Path:
     print(f"report written to {report}")
     if parent is not None:
         client.log_artifacts(parent, str(out), artifact_path="report")
+        client.set_tag(parent, rec.DESCRIPTION_TAG, report_description(report.read_text(), parent))
         print(f"and logged as artifacts report/ of the sweep's parent run {parent}")
     return report
 

@@ -31,6 +31,8 @@ from .. import console, tracking
 from .. import record as rec
 from ..errors import UserError, run_cli
 from ..runstore import default_uri, get_run, open_store
+from ..threads import Grant, for_job
+from ..threads import apply as apply_threads
 from .rebuild import rebuild
 
 # written by the reproduction / wall-clock system metrics
@@ -142,6 +144,22 @@ def reproduction_config(cfg: DictConfig, run: Run, experiment: str, uri: str) ->
     )
 
 
+def run_threads(cfg: DictConfig, run: Run) -> tuple[DictConfig, Grant]:
+    """The config with the thread count the run used (its logged ``threads``: the count changes the last
+    bits, docs/reproduce.md). A run logged before the count was recorded (``threads: null``) gets this
+    machine's count, with a warning."""
+    resolved, grant = for_job(cfg)
+    if cfg.threads is None:
+        _warn(
+            [
+                f"run {run.info.run_id} logged no thread count (threads: null, an older version of the suite): "
+                f"reproducing with {grant.threads} ({grant.granted_by}); a job of a parallel sweep used fewer "
+                "and may differ in the last bits"
+            ]
+        )
+    return resolved, grant
+
+
 # ---------------------------------------------------------------------------------------------------
 # Comparing
 
@@ -237,11 +255,10 @@ def reproduce(args: argparse.Namespace) -> int:
     )
     _warn(environment_warnings(run))
     console.quiet_startup()  # TensorFlow's CUDA and absl start-up lines, before anything imports it
-    from ..run.train import limit_tf_threads  # before check_data starts TF's runtime, or the run's pools are lost
-
-    limit_tf_threads(rebuilt.cfg.threads)
+    logged, grant = run_threads(rebuilt.cfg, run)
+    apply_threads(grant.threads)  # before check_data starts TF's runtime, or the run's pools are lost
     experiment = client.get_experiment(run.info.experiment_id).name
-    with own_data_dir(rebuilt.cfg, run) as cfg:
+    with own_data_dir(logged, run) as cfg:
         _warn(check_data(cfg, run, args.allow_data_change))
         new_id = _run_again(reproduction_config(cfg, run, experiment, uri), run.info.run_id)
     comparison = compare(metric_histories(client, run), metric_histories(client, client.get_run(new_id)))

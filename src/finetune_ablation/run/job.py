@@ -52,23 +52,6 @@ def _log_hydra_files() -> None:
             mlflow.log_artifacts(hydra_dir, rec.HYDRA_DIR)
 
 
-def _parallel_jobs() -> int:
-    """How many jobs this launcher runs at once on this machine (1 for the basic launcher)."""
-    if not _in_multirun():
-        return 1
-    n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
-    return (os.cpu_count() or 1) if n_jobs < 0 else int(n_jobs)
-
-
-def _threads(cfg: DictConfig) -> int | None:
-    """TF threads per job: ``threads``, else the cores divided among parallel jobs (docs/stack-facts.md: on 2 cores
-    two joblib workers with default pools fight)."""
-    if cfg.threads:
-        return int(cfg.threads)
-    jobs = _parallel_jobs()
-    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-
-
 def _reuse(client: MlflowClient, done: Run, parent_id: str | None) -> float | None:
     """Resume: an identical FINISHED run exists (resume.decide), so train nothing and return its result."""
     if parent_id:
@@ -85,8 +68,11 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     import mlflow
 
     from .. import console, liveness, reaper, tracking
+    from ..run_names import run_name
+    from ..threads import for_job
     from . import parent_run, resume
 
+    cfg, threads = for_job(cfg)  # the count the engine granted: logged in the config, applied below
     try:
         uri = tracking.resolve_uri(cfg.tracking)
         client = tracking.connect(uri)
@@ -102,6 +88,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
         **(extra_tags or {}),
         **trial_tags(cfg),
         **liveness.process_tags(),
+        rec.THREADS_GRANTED_TAG: threads.granted_by,
     }
     parent_id = None
     if _in_multirun():
@@ -118,7 +105,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
     mlflow.set_tracking_uri(uri)
     with (
         mlflow.start_run(
-            experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags, parent_run_id=parent_id
+            experiment_id=experiment_id, run_name=run_name(cfg, client, parent_id), tags=tags, parent_run_id=parent_id
         ) as run,
         liveness.heartbeat(uri, run.info.run_id),
     ):
@@ -127,7 +114,7 @@ def run_job(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> float 
             _log_hydra_files()
             validate(cfg)
             _check_folder(cfg)
-            train_and_log = _import_training(_threads(cfg))
+            train_and_log = _import_training(cfg.threads)
             result = train_and_log(cfg, extra_callbacks=trial_callbacks(cfg))
         except KeyboardInterrupt as exc:
             tracking.end_run_failed(exc, status="KILLED")
@@ -157,15 +144,16 @@ def _check_folder(cfg: DictConfig) -> None:
         check_folder(cfg.data.dir, cfg.data.validation_split, cfg.data.seed)
 
 
-def _import_training(threads: int | None) -> Callable[..., float]:
+def _import_training(threads: int) -> Callable[..., float]:
     """Import TensorFlow, quietly, with its thread pools sized: only once a job is sure to train. A store
     that does not answer, a job resume skips and a value out of range never wait the seconds it takes."""
     from .. import console
 
     console.quiet_startup()  # before anything imports TensorFlow
-    from .train import limit_tf_threads, train_and_log
+    from ..threads import apply
+    from .train import train_and_log
 
-    limit_tf_threads(threads)
+    apply(threads)
     return train_and_log
 
 

@@ -1,4 +1,5 @@
-"""The classifier: augmentation -> preprocess -> pretrained base -> pooling -> dropout -> logits.
+"""The classifier: augmentation -> preprocess -> pretrained base -> pooling -> dropout -> logits, built from
+Keras's own layers only, so a logged model loads in any Python with Keras (docs/run-record.md, "The model").
 
 Keeps a handle on every block, so the measuring passes can switch each training-time effect on or off
 separately, and answers the users' questions about freezing in numbers (trainable counts, BN drift,
@@ -18,10 +19,64 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..gap.layers import batchnorm_layers, copy_values, moving_statistics, walk_layers
 
+# What keras.applications' ``preprocess_input`` computes, by the ``mode`` of imagenet_utils it calls: the
+# ImageNet channel means and standard deviations of the "torch" and "caffe" modes (caffe's in BGR order).
+_TORCH_MEAN, _TORCH_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
+# How close a built-in layer must come to ``preprocess_input``: a few float32 roundings of the output's size
+# (``x * (1 / 127.5) - 1`` and ``x / 127.5 - 1`` may differ in the last bit).
+_PREPROCESS_ULPS = 4
+
+
+def _builtin_preprocessing(mode: str) -> keras.layers.Layer:
+    """One of ``preprocess_input``'s four modes as a layer of Keras itself, so a saved model loads in any Python
+    with Keras (no class of this package to import first)."""
+    if mode == "identity":  # efficientnet, mobilenet_v3, convnext, ...: the base normalises inside itself
+        return keras.layers.Identity(name="preprocess")
+    if mode == "tf":  # mobilenet_v2, inception_v3, xception, ...: pixels to [-1, 1]
+        return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")
+    if mode == "torch":  # densenet: [0, 1], then each channel standardised
+        return keras.layers.Rescaling(1 / (255 * _TORCH_STD), offset=-_TORCH_MEAN / _TORCH_STD, name="preprocess")
+    if mode == "caffe":  # resnet50, vgg16, ...: RGB to BGR, then each channel's mean subtracted
+        # a fixed 1x1 convolution: a channel permutation (products with 1 and 0 are exact) plus -mean as bias
+        layer = keras.layers.Conv2D(3, 1, trainable=False, name="preprocess")
+        layer.build((None, None, None, 3))
+        layer.set_weights([np.eye(3)[::-1].reshape(1, 1, 3, 3), -_CAFFE_MEAN_BGR])
+        return layer
+    raise ValueError(f"unknown preprocessing mode {mode!r}")
+
+
+PREPROCESSING_MODES = ("identity", "tf", "torch", "caffe")
+
+
+def _probe_pixels() -> np.ndarray:
+    """Every integer pixel value in every channel, and values between them: one small batch."""
+    values = np.concatenate([np.arange(256.0), np.linspace(0.0, 255.0, 256 * 5 + 1)[:-1] + 0.37])
+    return values[: (len(values) // 48) * 48].reshape(-1, 4, 4, 3).astype("float32")
+
+
+def preprocessing_layer(module_name: str) -> keras.layers.Layer:
+    """The base's ``preprocess_input`` as a built-in Keras layer named ``preprocess``: the mode whose layer gives
+    the same numbers as ``preprocess_input`` itself on every pixel value, to a few float32 roundings (checked
+    here, at build time, so a module that computes something else is refused, never silently changed)."""
+    reference = _applications_module(module_name).preprocess_input
+    pixels = _probe_pixels()
+    expected = np.asarray(reference(pixels.copy()))  # a copy: it changes float NumPy input in place
+    tolerance = _PREPROCESS_ULPS * np.finfo(np.float32).eps * max(1.0, float(np.max(np.abs(expected))))
+    for mode in PREPROCESSING_MODES:
+        layer = _builtin_preprocessing(mode)
+        if float(np.max(np.abs(np.asarray(layer(pixels)) - expected))) <= tolerance:
+            return layer
+    raise UserError(
+        f"keras.applications.{module_name}.preprocess_input is none of the preprocessings the suite builds from "
+        f"Keras's own layers ({', '.join(PREPROCESSING_MODES)}): pick another model.name"
+    )
+
 
 @keras.saving.register_keras_serializable(package="finetune_ablation")
 class Preprocess(keras.layers.Layer):
-    """The base's own ``preprocess_input`` as a layer (for MobileNetV2: pixels to [-1, 1])."""
+    """Only to load models logged before the preprocessing became a built-in layer (``preprocessing_layer``):
+    those need ``import finetune_ablation.run.model`` first. New models never use it."""
 
     def __init__(self, module: str, **kwargs):
         super().__init__(**kwargs)
@@ -40,7 +95,7 @@ class Classifier:
     model: keras.Model
     base: keras.Model
     augmentation: keras.Sequential
-    preprocess: Preprocess
+    preprocess: keras.layers.Layer  # built-in layers only (preprocessing_layer)
     pool: keras.layers.Layer
     dropout: keras.layers.Dropout
     head: keras.layers.Dense
@@ -140,7 +195,7 @@ def build_classifier(
     cfg: ModelConfig, base: keras.Model, augmentation: keras.Sequential, num_classes: int, image_size: int
 ) -> Classifier:
     """The course's model, with logits out: one unit for two classes, ``num_classes`` units otherwise."""
-    preprocess = Preprocess(cfg.name, name="preprocess")
+    preprocess = preprocessing_layer(cfg.name)
     pool = keras.layers.GlobalAveragePooling2D(name="pool")
     dropout = keras.layers.Dropout(cfg.dropout, name="dropout")
     head = keras.layers.Dense(1 if num_classes == 2 else num_classes, name="logits")
@@ -156,7 +211,7 @@ def build_classifier(
     return Classifier(model, base, augmentation, preprocess, pool, dropout, head, cfg.bn_training)
 
 
-def calibrate_batchnorm(base: keras.Model, preprocess: Preprocess, images: np.ndarray) -> None:
+def calibrate_batchnorm(base: keras.Model, preprocess: keras.layers.Layer, images: np.ndarray) -> None:
     """Set every BN moving mean/variance to the statistics of ``images`` (one training-mode pass with
     momentum 0). A randomly initialised base (``weights=null``) has moving statistics (0, 1) that do
     not match its activations, which then vanish through the depth; calibrated, its features carry

@@ -19,9 +19,9 @@ import mlflow
 import pandas as pd
 from hydra.experimental.callback import Callback
 from mlflow.entities import Run
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from .. import console, liveness, reaper, tracking
+from .. import console, descriptions, liveness, reaper, run_names, tracking
 from .. import record as rec
 from ..config import COMPUTING, role_of
 from ..errors import UserError
@@ -86,12 +86,41 @@ def summarize(client: mlflow.MlflowClient, experiment_id: str, parent: Run) -> p
     return frame.drop(columns=constant) if len(frame) > 1 else frame
 
 
+def log_jobs_datasets(client: mlflow.MlflowClient, experiment_id: str, parent_id: str) -> None:
+    """The parent names the data of its jobs (their datasets, each split once), so the runs table names the
+    data on a folded sweep's row too."""
+    found = [
+        run
+        for tag in (rec.MLFLOW_PARENT_RUN_TAG, f"`{rec.REUSED_TAG}`")
+        for run in client.search_runs([experiment_id], filter_string=f"tags.{tag} = '{parent_id}'")
+    ]
+    kept: dict[tuple[str, str, str], Any] = {}
+    for run in found:
+        for one in run.inputs.dataset_inputs if run.inputs else []:
+            context = next((t.value for t in one.tags if t.key == rec.DATASET_CONTEXT_TAG), "")
+            kept.setdefault((one.dataset.name, one.dataset.digest, context), one)
+    if kept:
+        client.log_inputs(parent_id, datasets=list(kept.values()))
+
+
 def _exit(message: str, code: int) -> None:
     """End the multirun with one ``error:`` line. SystemExit is the one exception Hydra lets through
     a callback (it turns any other into a warning and exits 0), so the exit status is decided here,
     where the sweep's outcome is known."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def sweep_description(config: DictConfig, command: str, parent_id: str) -> str:
+    """The parent's description: the study's question, its design (what it varies, its replicates) and the
+    ``ablate-report`` command that answers it (descriptions.py)."""
+    varied = run_names.sweep_definition(list(config.hydra.overrides.task), config.hydra.sweeper.get("params"))
+    follows = OmegaConf.is_interpolation(config.data, "seed") and "${seed}" in str(
+        OmegaConf.to_container(config.data)["seed"]
+    )
+    study = config.hydra.runtime.choices.get("experiment")
+    design = descriptions.design_line(varied, follows)
+    return descriptions.sweep_description(study, command, design, parent_id)
 
 
 class MlflowSweepCallback(Callback):
@@ -116,13 +145,14 @@ class MlflowSweepCallback(Callback):
         assert self.client is not None and self.experiment_id is not None
         reaper.reap_once(self.client, uri)  # runs left RUNNING by killed processes become KILLED
         sweep_dir = sweep_dir_of(config)
+        command = shlex.join(["ablate", *sys.argv[1:]])
         parent = self.client.create_run(
             self.experiment_id,
-            run_name=f"sweep {Path(sweep_dir).parent.name}/{Path(sweep_dir).name}",
+            run_name=run_names.parent_run_name(config),
             tags={
                 rec.ROLE_TAG: rec.PARENT_ROLE,
                 rec.SWEEP_DIR_TAG: sweep_dir,
-                rec.SWEEP_COMMAND_TAG: shlex.join(["ablate", *sys.argv[1:]])[: rec.MAX_TAG_LENGTH],
+                rec.SWEEP_COMMAND_TAG: command[: rec.MAX_TAG_LENGTH],
                 rec.HYDRA_OVERRIDES_TAG: rec.format_overrides(list(config.hydra.overrides.task)),
                 rec.HYDRA_SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")),
                 rec.HYDRA_LAUNCHER_TAG: str(config.hydra.launcher.get("_target_", "")),
@@ -130,6 +160,7 @@ class MlflowSweepCallback(Callback):
             },
         )
         self.parent_id = parent.info.run_id
+        self.client.set_tag(self.parent_id, rec.DESCRIPTION_TAG, sweep_description(config, command, self.parent_id))
         liveness.start(uri, self.parent_id, on_abort=lambda status: self.on_multirun_end(config, status=status))
         log.info("MLflow parent run %s groups this sweep (%s)", self.parent_id, sweep_dir)
 
@@ -170,6 +201,7 @@ class MlflowSweepCallback(Callback):
         }
         for name, value in counts.items():
             self.client.set_tag(self.parent_id, rec.SWEEP_COUNT_TAGS[name], str(value))
+        log_jobs_datasets(self.client, self.experiment_id, self.parent_id)
         finished = frame[(frame["status"] == "FINISHED") & frame["val_accuracy"].notna()] if len(frame) else frame
         if len(finished):
             best = finished.loc[finished["val_accuracy"].idxmax()]

@@ -14,9 +14,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .. import record as rec
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import keras
     import pandas as pd
     from matplotlib.figure import Figure
+
+    from .split_datasets import SplitDataset
 
 
 class Recorder(Protocol):
@@ -43,6 +47,12 @@ class Recorder(Protocol):
 
     def model(self, model: keras.Model) -> None:
         """The final model, loadable again."""
+
+    def datasets(self, splits: list[SplitDataset]) -> None:
+        """The data the run trained and validated on, described (never copied)."""
+
+    def description(self, markdown: str, figures: Sequence[str] = ()) -> None:
+        """The run's finding, shown first on its page; ``figures`` (logged artifacts) below it."""
 
 
 class MlflowRecorder:
@@ -94,10 +104,23 @@ class MlflowRecorder:
             frame.to_csv(path, index=False)
             mlflow.log_artifact(str(path))
 
+    def datasets(self, splits: list[SplitDataset]) -> None:
+        from .split_datasets import log_split_datasets
+
+        log_split_datasets(splits)
+
+    def description(self, markdown: str, figures: Sequence[str] = ()) -> None:
+        import mlflow
+
+        from ..descriptions import with_figures
+
+        mlflow.set_tag(rec.DESCRIPTION_TAG, with_figures(markdown, mlflow.active_run().info.run_id, figures))
+
     def model(self, model: keras.Model) -> None:
-        """MLflow's Keras flavor, loadable from ``runs:/<run id>/model`` (load it after ``import
-        finetune_ablation.run.model``, which registers the custom ``Preprocess`` layer). Requirements are
-        pinned from this environment: MLflow's inference would re-import the model in a subprocess."""
+        """MLflow's Keras flavor, loadable from ``runs:/<run id>/model`` by plain ``mlflow.keras.load_model`` or
+        ``mlflow.pyfunc.load_model`` in any Python with Keras: the model holds only Keras's own layers
+        (model.preprocessing_layer). Requirements are pinned from this environment: MLflow's inference would
+        re-import the model in a subprocess."""
         from importlib.metadata import version
 
         import mlflow

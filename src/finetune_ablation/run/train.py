@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from .. import record as rec
 from ..config import DiagnosticsLevel
 from ..console import print_epoch
+from ..descriptions import run_description
 from ..gap.callback import GapCallback, Precomputed
-from ..gap.decomposition import chance_warning, majority_rate
+from ..gap.decomposition import chance_warning, majority_rate, wilson_interval
 from ..gap.keras_probe import probe
 from ..gap.plot import gap_chart
 from ..gap.sentence import gap_summary
@@ -51,6 +52,7 @@ from .model import (
 from .phase1_cache import Phase1Cache, Phase1State, cache_dir, phase1_key
 from .plots import learning_curves
 from .recorder import MlflowRecorder, Recorder
+from .split_datasets import split_datasets
 
 
 def seed_everything(seed: int) -> None:
@@ -78,24 +80,15 @@ def loss_and_accuracy(binary: bool) -> tuple[keras.losses.Loss, keras.metrics.Me
     )
 
 
-def limit_tf_threads(threads: int | None) -> None:
-    """Size TF's thread pools (before its runtime starts; a reused worker keeps its first setting)."""
-    if not threads:
-        return
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:  # already initialised in this process by an earlier job: same machine split
-        pass
-
-
 def compile_fresh(model: keras.Model, binary: bool, learning_rate: float) -> None:
     """Always a NEW optimizer: reusing the one built for another trainable set raises in Keras 3."""
     loss, accuracy = loss_and_accuracy(binary)
     compile_for_fit(model, keras.optimizers.Adam(learning_rate), loss, [accuracy])
 
 
-def _record_data(data: Datasets, recorder: Recorder) -> None:
+def _record_data(data: Datasets, cfg: DictConfig, recorder: Recorder) -> None:
+    splits = {"train": data.train_files, "val": data.val_files}
+    recorder.datasets(split_datasets(cfg.dir, data.class_names, splits, cfg.image_size))
     counts = {f"{rec.DATA_COUNT_PARAM_PREFIX}{k}": v for k, v in data.counts().items()}
     recorder.params({**counts, rec.CLASS_NAMES_PARAM: ",".join(data.class_names)[: rec.MAX_PARAM_LENGTH]})
     recorder.tags(
@@ -294,18 +287,14 @@ def train_and_log(
     _record_keras_behaviour(recorder)  # before seeding: the probe's tiny models leave no trace in the run
     seed_everything(cfg.seed)
     data = load_datasets(cfg.data)
-    _record_data(data, recorder)
+    _record_data(data, cfg.data, recorder)
 
     base = load_base(cfg.model, cfg.data.image_size)
     augmentation = build_augmentation(cfg.augment, cfg.seed)
     clf = build_classifier(cfg.model, base, augmentation, data.num_classes, cfg.data.image_size)
     base_index = next(i for i, layer in enumerate(clf.model.layers) if layer is base)
-    recorder.tags(
-        {
-            rec.SAME_BASE_OBJECT_TAG: f"model.layers[{base_index}] is base: True",
-            rec.BASE_LAYERS_TAG: str(len(base.layers)),
-        }
-    )
+    recorder.tags({rec.SAME_BASE_OBJECT_TAG: f"model.layers[{base_index}] is base: True"})
+    recorder.params({rec.BASE_LAYERS_PARAM: len(base.layers)})
 
     fine_tune_at = resolve_fine_tune_at(base, cfg.model.fine_tune_at)  # fail before training
     rows: list[dict] = []
@@ -337,7 +326,13 @@ def _record_result(cfg: DictConfig, clf: Classifier, data: Datasets, rows: list[
     recorder.figure(learning_curves(history), rec.LEARNING_CURVES_PNG)
     if rec.GAP_TOTAL in history:
         recorder.figure(gap_chart(history, warning), rec.GAP_PNG)
-    recorder.text(gap_summary(rows, warning), rec.GAP_SUMMARY_TXT)
+    summary = gap_summary(rows, warning)
+    recorder.text(summary, rec.GAP_SUMMARY_TXT)
+    n_val = len(data.val_files)
+    interval = wilson_interval(round(val_accuracy * n_val), n_val)
+    majority = majority_rate([f.class_name for f in data.val_files])
+    figures = [rec.GAP_PNG] if rec.GAP_TOTAL in history else [rec.LEARNING_CURVES_PNG]
+    recorder.description(run_description(summary, val_accuracy, interval, n_val, majority), figures)
     recorder.text(OmegaConf.to_yaml(cfg, resolve=True), rec.CONFIG_YAML)
     recorder.tags({rec.WEIGHTS_DIGEST_TAG: weights_digest(clf.model)})
     if cfg.tracking.log_model:
