@@ -13,9 +13,8 @@ for the loss. See docs/gap-measurement.md."""
 
 from __future__ import annotations
 
-from scipy.stats import binomtest
-
 from .. import record as rec
+from ..chance import accuracy_interval, at_chance, wilson_interval
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
 # component (named in record.GAP_COMPONENTS) -> (minuend, subtrahend), in the order the effects are removed
@@ -34,12 +33,6 @@ COMPONENTS = dict(
 )
 
 
-def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    ci = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
 def majority_rate(labels: list) -> float:
     """Share of the most common class: the accuracy of always guessing it."""
     return max(labels.count(name) for name in set(labels)) / len(labels)
@@ -48,10 +41,10 @@ def majority_rate(labels: list) -> float:
 def chance_warning(val_accuracy: float, val_count: int, majority: float) -> str | None:
     """A warning when the validation accuracy's 95% Wilson interval reaches down to the majority-class
     rate: such a model is not distinguishably better than guessing the larger class (or is worse), so its
-    gap components are noise. The study report applies the same rule (report_design.run_at_chance)."""
-    low, high = wilson_interval(round(val_accuracy * val_count), val_count)
-    if low > majority:
+    gap components are noise. The rule is the project's one (chance.py), which the study report applies too."""
+    if not at_chance(val_accuracy, val_count, majority):
         return None
+    low, high = accuracy_interval(val_accuracy, val_count)
     return (
         f"AT CHANCE: val_accuracy {val_accuracy:.3f} (95% interval {low:.3f}-{high:.3f}, {val_count} images) "
         f"is not distinguishably above the majority-class rate {majority:.3f}. The model explains nothing "
@@ -79,7 +72,9 @@ def decompose(
         out[f"{prefix}total"] = values["keras_val"] - values["keras_train"]
         for component, (plus, minus) in COMPONENTS.items():
             out[f"{prefix}{component}"] = values[plus] - values[minus]
-    intervals = [(rec.TRAIN_CLEAN_ACCURACY, int(measured["train_clean_correct"]), int(measured["train_count"]))]
+    intervals: list[tuple[str, int, int]] = [
+        (rec.TRAIN_CLEAN_ACCURACY, int(measured["train_clean_correct"]), int(measured["train_count"]))
+    ]
     if val_count:
         val_correct = round(float(keras_logs[f"val_{accuracy}"]) * val_count)
         intervals.insert(0, (rec.VAL_ACCURACY, val_correct, val_count))
