@@ -87,15 +87,15 @@ class Pass:
         self.scale.append((np.abs(f) @ np.abs(kernel) + np.abs(bias)).max(axis=1))
         self.labels.append(np.asarray(labels))
 
-    def result(self) -> tuple[float, float, float, int, int]:
-        """Accuracy, mean loss, the loss's error bound, the number of images whose predicted class a
-        rounding error could flip, and the number of images."""
+    def result(self, threshold: float = 0.0) -> tuple[float, float, float, int, int]:
+        """Accuracy (one logit: class 1 above ``threshold``), mean loss, the loss's error bound, the number
+        of images whose predicted class a rounding error could flip, and the number of images."""
         z, s, y = (np.concatenate(v) for v in (self.logits, self.scale, self.labels))
         tolerance = RELATIVE * s  # per-image error bound of every logit
         if z.shape[1] == 1:  # one logit: sigmoid; |d loss / d logit| <= 1
             z = z[:, 0]
             losses = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
-            correct, margin, slope = (z > 0) == (y > 0.5), np.abs(z), 1.0
+            correct, margin, slope = (z > threshold) == (y > 0.5), np.abs(z - threshold), 1.0
         else:  # softmax; the loss moves at most 2x the largest logit error, a margin 2x as well
             top = np.max(z, axis=1, keepdims=True)
             losses = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0] - z[np.arange(len(y)), y.astype(int)]
@@ -104,8 +104,8 @@ class Pass:
         borderline = int(np.sum(margin <= tolerance))
         return float(correct.mean()), float(losses.mean()), slope * float(tolerance.mean()), borderline, len(y)
 
-    def compare(self, measured_accuracy: float, measured_loss: float, name: str) -> None:
-        accuracy, loss, loss_tolerance, borderline, count = self.result()
+    def compare(self, measured_accuracy: float, measured_loss: float, name: str, threshold: float = 0.0) -> None:
+        accuracy, loss, loss_tolerance, borderline, count = self.result(threshold)
         assert abs(measured_loss - loss) <= loss_tolerance, (name, measured_loss, loss, loss_tolerance)
         assert abs(round(measured_accuracy * count) - round(accuracy * count)) <= borderline, (
             name,

@@ -97,6 +97,12 @@ def test_phase_metrics_answer_the_freezing_questions(store):
     # Keras change shows.
     assert metrics["phase1/bn_moving_stats_delta"] == 0.0
     assert metrics["phase2/bn_moving_stats_delta"] > 0.0
+    # the run's tag says which behaviour it ran under (gap.probe, on tiny models): it agrees with this run's
+    # own BatchNorm, called with training=False (model.bn_training=false) and unfrozen in phase 2
+    tags = _run(store, "default").data.tags
+    keeps = str(metrics["phase2/bn_moving_stats_delta"] == 0.0).lower()
+    assert tags["answer.training_false_keeps_bn_frozen"] == keeps
+    assert tags["answer.keras_probe"].startswith(f"Keras {keras.__version__}:")
 
 
 @pytest.mark.slow

@@ -38,6 +38,11 @@ DATA_FINGERPRINT_TAG = "data.fingerprint"
 CROSS_SPLIT_DUPLICATES_TAG = "data.cross_split_duplicates"
 WARNING_TAG = "warning"
 SAME_BASE_OBJECT_TAG = "answer.same_base_object"
+# What the Keras that ran does with base(x, training=False) during fit, measured by gap.probe() at the
+# run's start: "true"/"false" each, and the probe's sentence with its numbers
+TRAINING_FALSE_KEEPS_BN_FROZEN_TAG = "answer.training_false_keeps_bn_frozen"
+DROPOUT_AFTER_TRAINING_FALSE_TAG = "answer.dropout_after_training_false_active"
+KERAS_PROBE_TAG = "answer.keras_probe"
 WEIGHTS_DIGEST_TAG = "model.weights_sha256"  # every model variable hashed: bit-identity in one string
 MODEL_URI_TAG = "model.uri"
 PHASE1_CACHE_TAG = "phase1_cache"  # hit | miss | off

@@ -70,10 +70,9 @@ def majority_rate(labels: list) -> float:
 
 
 def chance_warning(val_accuracy: float, val_count: int, majority: float) -> str | None:
-    """A warning when the model is at chance (the project's one rule, chance.at_chance: the validation
-    accuracy's 95% Wilson interval reaches down to the majority-class rate): not distinguishably better
-    than guessing the larger class (or worse), so its gap components are noise. ``ablate-report`` applies
-    the same rule to a study's runs."""
+    """A warning when the validation accuracy's 95% Wilson interval reaches down to the majority-class
+    rate: such a model is not distinguishably better than guessing the larger class (or is worse), so its
+    gap components are noise. The rule is the project's one (chance.py), which the study report applies too."""
     if not at_chance(val_accuracy, val_count, majority):
         return None
     low, high = accuracy_interval(val_accuracy, val_count)
@@ -113,7 +112,9 @@ def decompose(
         if attribution == "shapley":
             for effect, value in shapley_components(measured[f"corner_{metric}"]).items():
                 out[f"{prefix}{effect}"] = value
-    intervals = [(rec.TRAIN_CLEAN_ACCURACY, int(measured["train_clean_correct"]), int(measured["train_count"]))]
+    intervals: list[tuple[str, int, int]] = [
+        (rec.TRAIN_CLEAN_ACCURACY, int(measured["train_clean_correct"]), int(measured["train_count"]))
+    ]
     if val_count:
         val_correct = round(float(keras_logs[f"val_{accuracy}"]) * val_count)
         intervals.insert(0, (rec.VAL_ACCURACY, val_correct, val_count))

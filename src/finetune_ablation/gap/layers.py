@@ -31,7 +31,7 @@ def walk_layers(layer: keras.layers.Layer):
 
 def seed_states(layer: keras.layers.Layer) -> list:
     """The seed-generator states of ``layer`` and everything inside it: what its random draws read."""
-    return [v for v in layer.variables if "seed_generator_state" in v.path]
+    return [v for v in getattr(layer, "variables", []) if "seed_generator_state" in v.path]
 
 
 def is_dropout(layer: keras.layers.Layer) -> bool:
@@ -41,7 +41,9 @@ def is_dropout(layer: keras.layers.Layer) -> bool:
 def is_augmentation(layer: keras.layers.Layer) -> bool:
     """A random layer that is not regularisation: Keras's random preprocessing layers (RandomFlip,
     RandomRotation, RandomZoom, ...), which act in training mode only, recognised by their seed state."""
-    return not isinstance(layer, keras.Model) and not is_dropout(layer) and bool(seed_states(layer))
+    if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
+        return False
+    return not is_dropout(layer) and bool(seed_states(layer))
 
 
 def has_random_layers(layer: keras.layers.Layer) -> bool:

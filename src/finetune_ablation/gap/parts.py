@@ -135,6 +135,7 @@ class Parts:
     post: Segment | None
     head: Segment | None
     feature_shape: tuple[int, ...]
+    feature_dtype: str
     _measuring_passes: object | None = field(default=None, repr=False)
 
     @classmethod
@@ -251,7 +252,7 @@ def _find(model: keras.Model) -> Parts | NotStaged:
         base, pre, post = None, None, None
     augment = Segment(nodes[:a_end], tensor_at(0), source) if a_end else None
     head = Segment(nodes[h:], target, tensor_at(len(nodes))) if h < len(nodes) else None
-    return Parts(model, augment, pre, base, post, head, tuple(target.shape[1:]))
+    return Parts(model, augment, pre, base, post, head, tuple(target.shape[1:]), str(target.dtype))
 
 
 def describe(parts: Parts) -> str:

@@ -103,8 +103,8 @@ class MeasuringPasses:
         self.bns = parts.body_batchnorms
         size = parts.model.input_shape[1:]
         # one trace per function: the batch dimension is free (the last batch is smaller)
-        images = {"input_signature": [tf.TensorSpec((None, *size), tf.float32)]}
-        features = {"input_signature": [tf.TensorSpec((None, *parts.feature_shape), tf.float32)]}
+        images = {"input_signature": [tf.TensorSpec((None, *size), parts.model.inputs[0].dtype)]}
+        features = {"input_signature": [tf.TensorSpec((None, *parts.feature_shape), parts.feature_dtype)]}
         if parts.augment is not None:
             self.augment = tf.function(lambda x: parts.augment(x, training=True), **images)
         self.features_infer = tf.function(lambda x: parts.features(x, training=False), **images)

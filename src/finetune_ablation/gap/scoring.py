@@ -46,12 +46,29 @@ def accuracy_metric(model: keras.Model) -> keras.metrics.Metric | None:
 
 
 def per_example_loss(loss) -> Callable | None:
-    """The compiled loss as a function of (labels, outputs) returning one value per example."""
+    """The compiled loss as a function of (labels, outputs) returning one value per example; a name or
+    a plain function is wrapped as ``compile`` wraps it (labels and outputs brought to the same rank)."""
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
     if isinstance(loss, keras.losses.Loss):
         return loss.call
-    return loss if callable(loss) else None
+    return _same_rank(loss) if callable(loss) else None
+
+
+def _same_rank(fn: Callable) -> Callable:
+    """``fn`` on labels and outputs brought to the same rank, as ``compile`` does for a loss function:
+    labels of shape (n,) against outputs (n, 1) become (n, 1)."""
+
+    def call(y, outputs):
+        y, outputs = tf.convert_to_tensor(y), tf.convert_to_tensor(outputs)
+        if y.shape.rank == outputs.shape.rank - 1 and outputs.shape[-1] == 1:
+            y = tf.expand_dims(y, -1) if y.shape.rank == 1 else y
+            outputs = outputs if y.shape.rank == outputs.shape.rank else tf.squeeze(outputs, -1)
+        elif outputs.shape.rank == y.shape.rank - 1 and y.shape[-1] == 1:
+            y = tf.squeeze(y, -1)
+        return fn(y, outputs)
+
+    return call
 
 
 def batch_loss(model: keras.Model) -> Callable | None:
@@ -67,7 +84,8 @@ def batch_loss(model: keras.Model) -> Callable | None:
         return loss
     if not callable(loss):
         return None
-    return lambda y, outputs: keras.ops.mean(loss(y, outputs))  # Keras wraps a function with this reduction
+    same_rank = _same_rank(loss)
+    return lambda y, outputs: keras.ops.mean(same_rank(y, outputs))  # as compile wraps a function: the mean
 
 
 @dataclass(frozen=True)

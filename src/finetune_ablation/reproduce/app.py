@@ -229,7 +229,7 @@ def _warn(lines: list[str]) -> None:
 
 def _run_again(cfg: DictConfig, run_id: str) -> str:
     """Train through the same entry point as ``ablate`` and return the new run's id."""
-    from ..cli import run_job
+    from ..run.job import run_job
 
     run_job(cfg, extra_tags={rec.REPRODUCED_TAG: run_id})  # a bad input exits 2 with its own error line
     new = mlflow.last_active_run()

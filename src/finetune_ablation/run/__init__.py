@@ -1,5 +1,6 @@
-"""What one ``ablate`` job does (the Hydra app's entry point is ``finetune_ablation.cli``): config ->
-data -> model -> phase 1 -> phase 2 -> record (``train``), reporting to a ``recorder``; the image folder
+"""What one ``ablate`` job does (the Hydra app's entry point is ``finetune_ablation.cli``): its lifecycle as
+one MLflow run (``job``), then config -> data -> model -> phase 1 -> phase 2 -> record (``train``),
+reporting to a ``recorder``; the image folder
 (``data``; which files count, without TensorFlow: ``image_files``), augmentation and the classifier
 (``augment``, ``model``; the gap measurement is the package ``gap``), the phase-1 cache and frozen inputs,
 computed once or every epoch (``phase1_cache``, ``feature_cache``), the per-run figures (``plots``), a

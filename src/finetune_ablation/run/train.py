@@ -27,6 +27,7 @@ from ..console import print_epoch
 from ..descriptions import run_description
 from ..gap.callback import GapCallback, Precomputed
 from ..gap.decomposition import chance_warning, majority_rate
+from ..gap.keras_probe import probe
 from ..gap.meter import TrainingOrder
 from ..gap.plot import gap_chart
 from ..gap.sentence import gap_summary
@@ -182,6 +183,7 @@ def _run_phase(
                 precomputed=Precomputed(inputs.stage, epoch_batches) if inputs else None,
                 order=_training_order(data, inputs, phase, steps),
                 attribution=str(cfg.diagnostics.attribution.value),  # docs/gap-measurement.md
+                verbose=False,  # the run's own record says what is measured (docs/gap-measurement.md)
             )
         )
     callbacks.append(EpochLogger(phase, rows, recorder))
@@ -260,6 +262,19 @@ def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], 
     recorder.tags({rec.PHASE1_CACHE_TAG: "hit"})
 
 
+def _record_keras_behaviour(recorder: Recorder) -> None:
+    """Which behaviour the run ran under: what this Keras does with ``base(x, training=False)`` during fit
+    (gap.probe, measured on tiny models), so a run of another Keras says so (docs/stack-facts.md)."""
+    behaviour = probe()
+    recorder.tags(
+        {
+            rec.TRAINING_FALSE_KEEPS_BN_FROZEN_TAG: str(behaviour.training_false_keeps_bn_frozen).lower(),
+            rec.DROPOUT_AFTER_TRAINING_FALSE_TAG: str(behaviour.dropout_after_training_false_active).lower(),
+            rec.KERAS_PROBE_TAG: behaviour.sentence()[: rec.MAX_TAG_LENGTH],
+        }
+    )
+
+
 def weights_digest(model: keras.Model) -> str:
     """Hash of every model variable (weights, BN statistics, seed states): bit-identity in one string."""
     digest = hashlib.sha256()
@@ -282,6 +297,7 @@ def train_and_log(
     """Run both phases, recording into ``recorder`` (the active MLflow run by default); returns the
     final ``val_accuracy``."""
     recorder = recorder or MlflowRecorder()
+    _record_keras_behaviour(recorder)  # before seeding: the probe's tiny models leave no trace in the run
     seed_everything(cfg.seed)
     data = load_datasets(cfg.data)
     _record_data(data, cfg.data, recorder)
