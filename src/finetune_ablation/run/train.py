@@ -30,6 +30,7 @@ from .diagnostics import GapDiagnostics, GapMeter, chance_warning, gap_summary, 
 from .epoch_logger import EpochLogger
 from .feature_cache import FrozenInputs
 from .freed_memory import ReturnFreedMemory
+from .kept_rows import Storage
 from .model import (
     Classifier,
     bn_moving_stats,
@@ -98,6 +99,7 @@ def _record_data(data: Datasets, recorder: Recorder) -> None:
         {
             rec.DATA_FINGERPRINT_TAG: data.fingerprint,
             rec.CROSS_SPLIT_DUPLICATES_TAG: str(data.cross_split_duplicates),
+            rec.DECODED_PIXELS_STORAGE_TAG: str(data.pixels),
         }
     )
     if data.cross_split_duplicates:
@@ -113,6 +115,7 @@ class PhaseRecord:
     phase: int
     metrics: dict[str, float]
     report: str
+    storable: bool = True  # may go into the phase-1 cache (False: computed on a fallback path)
 
     def log(self, recorder: Recorder) -> None:
         recorder.phase(self.phase, self.metrics, self.report)
@@ -170,10 +173,10 @@ def _run_phase(
     last_epoch = first_epoch + epochs - 1
     callbacks: list[keras.callbacks.Callback] = []
     if measuring:
-        epoch_batches = inputs.epoch_batches if inputs else None
+        dataset, stage, epoch_batches = inputs.measured_on() if inputs else (data.train_in_order, None, None)
         if epoch_batches is not None:
             callbacks.append(epoch_batches)  # empties itself as each epoch begins
-        meter = GapMeter(clf, source.train_in_order, cfg.seed, inputs.stage if inputs else None, epoch_batches)
+        meter = GapMeter(clf, dataset, cfg.seed, stage, epoch_batches)
         callbacks.append(GapDiagnostics(meter, cfg.diagnostics.level, last_epoch, len(data.val_files)))
     callbacks.append(EpochLogger(phase, rows, recorder))
     callbacks.append(ReturnFreedMemory())  # after the epoch's measuring and logging, before a caller's own
@@ -184,7 +187,9 @@ def _run_phase(
         model, source.training_batches(phase), steps, source.val, first_epoch, epochs, callbacks, cfg.train.verbose
     )
     summary["bn_moving_stats_delta"] = max_abs_change(before, bn_moving_stats(clf.base))
-    record = PhaseRecord(phase, summary, report)
+    # a phase on frozen inputs that fell back to recomputing may not be bit-identical to one that kept them
+    storable = not inputs or inputs.placement.where != "recomputed"
+    record = PhaseRecord(phase, summary, report, storable)
     record.log(recorder)
     return record
 
@@ -199,12 +204,15 @@ def _frozen_inputs(
     if not cfg.cache.features:
         recorder.tags({tag: "off"})
         return None
-    the_plan = feature_cache.plan(clf, len(data.train_files), len(data.val_files))
+    storage = Storage.from_config(cfg.cache)
+    the_plan = feature_cache.plan(clf, len(data.train_files), len(data.val_files), storage, measuring)
     if the_plan.stage is None:
         recorder.tags({tag: f"not used: {the_plan.reason}"})
         return None
     recorder.tags({tag: f"on: {the_plan.reason}"})
-    return feature_cache.compute(clf, data, the_plan, phase, measuring)
+    inputs = feature_cache.compute(clf, data, the_plan, phase, measuring, storage)
+    recorder.tags({rec.frozen_inputs_storage_tag(phase): str(inputs.placement)})
+    return inputs
 
 
 def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], recorder: Recorder) -> None:
@@ -229,7 +237,8 @@ def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], 
         state = cache.load(key)
         if state is None:
             record = train()
-            cache.save(key, Phase1State.capture(clf.model, rows, record.metrics, record.report))
+            if record.storable:
+                cache.save(key, Phase1State.capture(clf.model, rows, record.metrics, record.report))
             recorder.tags({rec.PHASE1_CACHE_TAG: "miss"})
             return
     freeze_base(clf.base)
@@ -266,7 +275,7 @@ def train_and_log(
     final ``val_accuracy``."""
     recorder = recorder or MlflowRecorder()
     seed_everything(cfg.seed)
-    data = load_datasets(cfg.data)
+    data = load_datasets(cfg.data, Storage.from_config(cfg.cache))
     _record_data(data, recorder)
 
     base = load_base(cfg.model, cfg.data.image_size)
