@@ -266,30 +266,31 @@ def compute(
     model, forward, shapes = _head_model(clf, the_plan)
     placement = the_plan.placement
     clean_needed = measuring or not the_plan.every_epoch
-    kept: list[KeptRows] = []
+    val_rows = clean_rows = epoch_rows = None
     if placement.where != "recomputed":
         try:
-            kept.append(_keep(forward, data.validation, shapes, placement.where, storage))
+            val_rows = _keep(forward, data.validation, shapes, placement.where, storage)
             if clean_needed:
-                kept.append(_keep(forward, data.train, shapes, placement.where, storage))
+                clean_rows = _keep(forward, data.train, shapes, placement.where, storage)
             if the_plan.every_epoch and measuring:
-                kept.append(KeptRows(shapes, len(data.train.files), placement.where, storage.scratch_dir))
+                epoch_rows = KeptRows(shapes, len(data.train.files), placement.where, storage.scratch_dir)
         except OSError as exc:
-            for rows in kept:
-                rows.close()
-            kept = []
+            for rows in (val_rows, clean_rows, epoch_rows):
+                if rows is not None:
+                    rows.close()
+            val_rows = clean_rows = epoch_rows = None
             placement = placement.fell_back(WHAT, f"their scratch file could not be reserved or written ({why(exc)})")
     announce(f"{WHAT} of phase {phase}", placement)
-    if kept:
-        val = _read(kept[0], data.validation, data.validation.positions())
-        train_in_order = _read(kept[1], data.train, data.train.positions()) if clean_needed else None
-        shuffled = None if the_plan.every_epoch else _read(kept[1], data.train, data.index_batches(phase))
+    if val_rows is not None:
+        val = _read(val_rows, data.validation, data.validation.positions())
+        train_in_order = _read(clean_rows, data.train, data.train.positions()) if clean_rows else None
+        shuffled = None if the_plan.every_epoch else _read(clean_rows, data.train, data.index_batches(phase))
     else:  # recomputed: the same batches as above for validation and the clean split, so the same inputs
         val = _mapped(forward, data.val)
         train_in_order = _mapped(forward, data.train_in_order) if clean_needed else None
         shuffled = None if the_plan.every_epoch else _mapped(forward, data.training_batches(phase))
     inputs = FrozenInputs(the_plan.stage, model, placement, train_in_order, val, data, shuffled)
     if the_plan.every_epoch:
-        inputs.epoch_batches = EpochBatches(kept[2]) if kept and measuring else None
+        inputs.epoch_batches = EpochBatches(epoch_rows) if epoch_rows is not None else None
         inputs.augmented = _augmenting(clf, forward, data, phase, inputs.epoch_batches)
     return inputs

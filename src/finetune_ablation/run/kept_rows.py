@@ -30,6 +30,8 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
+from ..config import CacheConfig
+
 log = logging.getLogger(__name__)
 
 Where = Literal["memory", "disk", "recomputed"]
@@ -48,8 +50,6 @@ class Storage:
     @classmethod
     def from_config(cls, cache: Any = None) -> Storage:
         """From the ``cache`` config group (a ``CacheConfig`` or its composed ``DictConfig``); None: the defaults."""
-        from ..config import CacheConfig
-
         cache = cache if cache is not None else CacheConfig()
         scratch = Path(cache.scratch_dir).expanduser() if cache.scratch_dir else Path(tempfile.gettempdir())
         return cls(
