@@ -20,7 +20,7 @@ same machine, interleaved when ``--repeats`` > 1, so machine noise hits both sid
    ``base.predict`` of the same model (the ceiling)
 6. peak resident memory of one run, the frozen inputs' size per 1000 images, and the resident memory at
    the end of every phase-2 epoch (benchmarks/memory_per_epoch.py): does a run grow while it trains?
-7. cost against size: 300, 1,000, 3,000 and 10,000 generated JPEGs (96 px, 1 + 1 epochs), the suite
+7. cost against size: 300, 1,000, 3,000 and 10,000 generated JPEGs (96 px, 2 + 2 epochs), the suite
    (diagnostics off and full, augment none and standard) beside the plain Keras script, seconds per epoch
    and peak resident memory at each size; the same run with everything kept in memory vs on disk; and a
    6-rate fine_tune_lr search (augment=none, 3 + 3 epochs) at the largest size without vs with reuse
