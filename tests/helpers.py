@@ -18,6 +18,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import mlflow
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -122,6 +123,37 @@ def new_store(folder: Path, name: str = "mlflow.db") -> str:
     if not db.exists():
         shutil.copyfile(_template, db)
     return f"sqlite:///{db}"
+
+
+def keras_split(directory: Path | str, seed: int, validation_split: float, size: int = 32) -> tuple[list, list]:
+    """The split users had: Keras's own loader (``image_dataset_from_directory``, ``subset="both"``), an
+    implementation of the assignment independent of the suite's: (training paths, validation paths)."""
+    import keras
+
+    train, val = keras.utils.image_dataset_from_directory(
+        str(directory),
+        validation_split=validation_split,
+        subset="both",
+        seed=seed,
+        batch_size=None,
+        image_size=(size, size),
+        verbose=False,
+    )
+    return train.file_paths, val.file_paths
+
+
+def read_split(image_dir: Path, size: int, seed: int = 42, validation_split: float = 0.2):
+    """Both splits as Keras splits the folder, read file by file: (images, labels) in the file order."""
+    import keras
+
+    classes = sorted(p.name for p in Path(image_dir).iterdir() if p.is_dir())
+
+    def read(paths):
+        images = [keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size))) for p in paths]
+        labels = np.array([classes.index(Path(p).parent.name) for p in paths])
+        return np.stack(images).astype(np.float32), labels
+
+    return tuple(read(paths) for paths in keras_split(image_dir, seed, validation_split, size))
 
 
 # ---------------------------------------------------------------------------------------------------

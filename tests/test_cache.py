@@ -87,8 +87,9 @@ RELATIVE = 1e-4
 # BatchNorm on batch statistics of 8 images at 2x2 pixels divides by tiny variances. Measured with the
 # frozen bottom computed once in phase 2, unfrozen from layer 100: after one phase-2 epoch the largest
 # difference is 6e-6 relative (16x inside RELATIVE); after a second epoch it is 6e-4. From FAST's layer 150
-# (fewer layers train): 5.6e-7 after one epoch and after two. So the phase-2 comparison runs one epoch: it
-# goes through every path (training steps, validation, all four measured conditions).
+# (fewer layers train): 5.6e-7 after one epoch and after two, and with augmentation 7e-6 after two epochs
+# at 1e-4. So the comparison without augmentation runs one phase-2 epoch (it goes through every path:
+# training steps, validation, all four measured conditions), the augmented one two, at FAST's depth.
 # gap_loss component -> the two logged losses it is the difference of
 LOSS_TERMS = {
     "total": ("val_loss", "loss"),
@@ -146,7 +147,6 @@ def test_frozen_inputs_equal_running_the_frozen_layers_every_epoch(image_dir, tr
     assert tags["feature_cache.phase2"].startswith("on: layers 0-"), tags["feature_cache.phase2"]
     assert uncached.data.tags["feature_cache.phase1"] == uncached.data.tags["feature_cache.phase2"] == "off"
     _same_within_float_tolerance(tracking_uri, cached, uncached)
-    assert [v for _, v in history(tracking_uri, cached.info.run_id, "gap/augmentation")] == [0.0] * 3
     assert "timing.phase1_seconds" in tags and "timing.phase2_seconds" in tags
 
     unmeasured = _run(image_dir, tracking_uri, None, *one_epoch, "cache.features=true", "diagnostics=off")
@@ -155,58 +155,22 @@ def test_frozen_inputs_equal_running_the_frozen_layers_every_epoch(image_dir, tr
         assert history(tracking_uri, unmeasured.info.run_id, key) == history(tracking_uri, cached.info.run_id, key)
 
 
-# Metrics that do not depend on the measurement's augmentation draw: Keras's own, validation's, the clean
-# training split's, and the components built from them alone. The rest (train_mode, no_batchnorm,
-# no_dropout and the components they enter) are measured on the epoch's own augmented batches when the
-# frozen inputs are computed every epoch, and on the meter's own draw when the whole model runs.
-DRAWN = ("train_mode", "no_batchnorm", "no_dropout", "/lag", "/batchnorm", "/dropout", "/augmentation")
-
-
 @pytest.mark.slow
 def test_augmented_frozen_inputs_train_as_the_whole_model_does(image_dir, tracking_uri):
     """augment=standard: each epoch's augmented batches go through the frozen part in the pipeline (the
     pooled base in phase 1, the bottom in phase 2) and the top trains on them; the model's own random
-    layers draw the same augmentations as in the whole model's call, so every metric that does not depend
-    on the measurement's draw equals the run that passes every image through the whole base. Phase 2 holds
-    its weights still: with augmentation, Adam turns the rounding difference of one step into a sign flip of
-    near-zero gradient components (measured: 7.5e-4 relative in the loss after one epoch at 1e-4, and 5e-7
-    at 1e-12, where the draws alone count); phase 1 trains at its full rate and stays within RELATIVE."""
-    one_epoch = ("augment=standard", "train.fine_tune_epochs=1", "train.fine_tune_lr=1e-12")
-    cached = _run(image_dir, tracking_uri, None, *one_epoch, "cache.features=true")
-    uncached = _run(image_dir, tracking_uri, None, *one_epoch, "cache.features=false")
+    layers draw the same augmentations as in the whole model's call, and both paths' measurements replay
+    the epoch's own batches and draws, so every metric equals the run that passes every image through the
+    whole base, over two epochs of each phase at the default learning rates (see ROUNDING_GROWS:
+    measured, 7e-6 relative in the losses of the last epoch)."""
+    cached = _run(image_dir, tracking_uri, None, "augment=standard", "cache.features=true")
+    uncached = _run(image_dir, tracking_uri, None, "augment=standard", "cache.features=false")
     tags = cached.data.tags
     assert tags["feature_cache.phase1"].startswith("on: the whole base is frozen: its pooled features are computed")
     assert "every epoch" in tags["feature_cache.phase1"]
     assert tags["feature_cache.phase2"].startswith("on: layers 0-") and "every epoch" in tags["feature_cache.phase2"]
-    _same_within_float_tolerance(tracking_uri, cached, uncached, skip=DRAWN)
-    assert {f"{name}_loss" for name in DRAWN[:3]} <= set(cached.data.metrics)  # measured, not skipped unseen
-
-
-@pytest.mark.slow
-def test_augmented_conditions_are_measured_on_the_epochs_own_batches(image_dir, tracking_uri):
-    """With the weights held still (a learning rate of 1e-12 moves no float32 weight) and no dropout, the
-    training-mode pass at the epoch's end computes exactly what Keras averaged over the epoch's steps, if
-    and only if it sees the same augmented images in the same batches (BatchNorm trains in phase 2, so batch
-    composition counts): the lag must vanish, checked against Keras's own number. The whole-model path
-    measures on the meter's own draw, so there the lag does not vanish: the check can tell them apart."""
-    still = ("augment=standard", "model.freeze_bn=false", "model.dropout=0.0")
-    still += ("train.base_lr=1e-12", "train.fine_tune_lr=1e-12")
-    cached = _run(image_dir, tracking_uri, None, *still, "cache.features=true")
-    uncached = _run(image_dir, tracking_uri, None, *still, "cache.features=false")
-    train_count = int(cached.data.params["data.count.train.total"])
-
-    def lags(run) -> list[tuple[float, float, float]]:
-        keras_loss = dict(history(tracking_uri, run.info.run_id, "loss"))
-        measured = dict(history(tracking_uri, run.info.run_id, "train_mode_loss"))
-        lag = dict(history(tracking_uri, run.info.run_id, "gap/lag"))
-        return [(measured[e] - keras_loss[e], RELATIVE * (measured[e] + keras_loss[e]), lag[e]) for e in keras_loss]
-
-    own = lags(cached)
-    assert len(own) == 4  # two epochs of each phase
-    for difference, tolerance, accuracy_lag in own:
-        assert abs(difference) <= tolerance, own
-        assert abs(accuracy_lag) <= 1 / train_count + 1e-12, own  # an image within rounding of 0 may flip
-    assert any(abs(difference) > 10 * tolerance for difference, tolerance, _ in lags(uncached)), lags(uncached)
+    assert cached.data.params["train.fine_tune_lr"] == "0.0001" and cached.data.params["train.fine_tune_epochs"] == "2"
+    _same_within_float_tolerance(tracking_uri, cached, uncached)
 
 
 def test_the_plan_computes_once_exactly_what_is_frozen_and_deterministic(monkeypatch):

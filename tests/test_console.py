@@ -60,8 +60,39 @@ def test_a_difference_that_rounds_to_zero_is_written_plus_zero_everywhere():
         "validation beats training by 4.4 points: augmentation +6.9, split -3.7, dropout +1.2, lag +0.0, batchnorm +0.0"
     )
     assert epoch_line(0, 0, 1, {**LOGS, "gap/total": -1e-9}).endswith("gap +0.0 pts (largest: split +11.0)")
-    assert gap_sentence({**row, "gap/total": -1e-9}).startswith("validation beats training by 0.0 points: ")
     assert gap_sentence({**row, "gap/total": -0.05}).startswith("training beats validation by 5.0 points: ")
+
+
+def test_the_words_and_the_title_follow_the_sign_of_the_total_and_a_zero_reads_level():
+    """A total that rounds to 0.0 points is "level" (never "validation beats training by 0.0 points"),
+    a negative one says training beats validation, in the sentence and in the figure's title."""
+    from finetune_ablation.gap.sentence import gap_sentence, headline
+
+    row = {"gap/total": 0.044, "gap/augmentation": 0.069, "gap/split": -0.037, "gap/dropout": 0.012}
+    row |= {"gap/lag": -1e-9, "gap/batchnorm": 0.0}
+    for total in (-1e-9, 0.0004, -0.0004):
+        assert gap_sentence({**row, "gap/total": total}).startswith("validation and training are level (0.0 points): ")
+        assert headline(total).startswith("Validation and training level")
+    assert gap_sentence({**row, "gap/total": -0.0005}).startswith("training beats validation by 0.1 points: ")
+    assert headline(-0.05).startswith("Why training beats validation")
+    assert headline(0.05).startswith("Why validation beats training")
+
+
+def test_each_phase_line_of_the_summary_carries_its_own_chance_check():
+    """Phase 1 at chance (4 of 8 right, majority 0.5) says so on its own line; phase 2 (8 of 8) does not;
+    the run's warning, if any, stays the first line."""
+    from finetune_ablation.gap.sentence import gap_summary
+
+    components = {f"gap/{c}": 0.0 for c in ("lag", "batchnorm", "dropout", "augmentation", "split")}
+    rows = [
+        {"phase": 1, "epoch": 0, "val_accuracy": 0.5, "gap/total": 0.1, **components},
+        {"phase": 2, "epoch": 1, "val_accuracy": 1.0, "gap/total": 0.1, **components},
+    ]
+    lines = gap_summary(rows, val_count=8, majority=0.5).splitlines()
+    assert lines[0].startswith("phase 1, epoch 1 (step 0), AT CHANCE (val_accuracy 0.500, 95% interval 0.215-0.785")
+    assert lines[1].startswith("phase 2, epoch 2 (step 1): validation beats training by 10.0 points")
+    assert "lag = " in lines[-1] and "the very batches" in lines[-1]
+    assert gap_summary(rows, "AT CHANCE: run").startswith("AT CHANCE: run\n\nphase 1, epoch 1 (step 0): ")
 
 
 def test_where_to_look_for_a_local_store_gives_the_ui_command_and_the_run_url():
@@ -138,7 +169,12 @@ def test_a_run_prints_short_epochs_no_chatter_and_a_ui_command_that_opens_the_ru
     (run,) = runs(uri)
     experiment = mlflow.MlflowClient(uri).get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    tail = result.stdout.strip().splitlines()[-3:]
+    lines = result.stdout.strip().splitlines()
+    tail = lines[-3:]
+    # 8 validation images: the run is at chance, and its console says so after its last epoch
+    assert run.data.tags["gap.at_chance"] == "true"
+    said = [i for i, line in enumerate(lines) if line.startswith("AT CHANCE: val_accuracy ")]
+    assert len(said) == 1 and said[0] > max(i for i, line in enumerate(lines) if line.startswith("phase "))
     assert tail[0] == f"MLflow run {run.info.run_id}"
     command = tail[1].split("see it:", 1)[1].strip()
     assert command == f"mlflow ui --backend-store-uri {uri}"

@@ -18,6 +18,8 @@ from finetune_ablation.run.data import decode_failure_reason, load_datasets, sca
 from finetune_ablation.run.model import compile_for_fit, load_base
 from finetune_ablation.run.train import fit_epochs, loss_and_accuracy
 
+from .helpers import keras_split
+
 
 def _data_cfg(directory, **kw) -> DataConfig:
     return DataConfig(dir=str(directory), image_size=32, batch_size=8, validation_split=0.25, **kw)
@@ -35,20 +37,6 @@ def test_split_is_disjoint_complete_and_seeded(image_dir):
     assert counts["train.total"] == 30 and counts["val.alpaca"] + counts["val.not_alpaca"] == 10
 
 
-def _keras_split(directory, seed: int, validation_split: float = 0.25) -> tuple[list[str], list[str]]:
-    """The split users had: Keras's own loader, an independent implementation of the assignment."""
-    train, val = keras.utils.image_dataset_from_directory(
-        str(directory),
-        validation_split=validation_split,
-        subset="both",
-        seed=seed,
-        batch_size=None,
-        image_size=(32, 32),
-        verbose=False,
-    )
-    return train.file_paths, val.file_paths
-
-
 def _paths(files) -> list[str]:
     return [str(f.path) for f in files]
 
@@ -62,7 +50,7 @@ def test_split_is_keras_own_assignment_file_for_file(own_image_dir):
         shutil.copy(image, own_image_dir / "alpaca" / sub / "z.png")
     for seed in (42, 7):
         data = load_datasets(_data_cfg(own_image_dir, seed=seed))
-        assert (_paths(data.train_files), _paths(data.val_files)) == _keras_split(own_image_dir, seed)
+        assert (_paths(data.train_files), _paths(data.val_files)) == keras_split(own_image_dir, seed, 0.25)
         assert len(data.train_files) + len(data.val_files) == 43
 
 
@@ -90,7 +78,7 @@ def test_os_clutter_counts_nowhere_and_leaves_the_split_unchanged(own_image_dir,
     assert data.class_names == ["alpaca", "not_alpaca"]
     relpaths = {f.relpath for f in data.train_files + data.val_files}
     assert len(relpaths) == 40 and not any("/." in "/" + r or "Thumbs" in r for r in relpaths)
-    keras_train, keras_val = _keras_split(clean, 42)
+    keras_train, keras_val = keras_split(clean, 42, 0.25)
     assert [f.relpath for f in data.train_files] == [str(Path(p).relative_to(clean)) for p in keras_train]
     assert [f.relpath for f in data.val_files] == [str(Path(p).relative_to(clean)) for p in keras_val]
     assert data.fingerprint == load_datasets(_data_cfg(clean)).fingerprint

@@ -13,8 +13,9 @@ The same training runs twice in one process: once plain, once with the callback,
 ``CSVLogger`` and MLflow's own ``MlflowCallback`` on a real store. The hand-built check rebuilds every
 condition at each epoch's end from the model's layers called with explicit flags (images read file by
 file, losses in float64 NumPy); it shares with the callback only the documented seeding rule of the
-measuring draws (seed state ``i`` of the augmentation and dropout layers starts at
-``(seed * 1_000_003 + epoch, i)``), so that the augmented batches and dropout masks are the same ones."""
+measuring draws where no training order is given (seed state ``i`` of the augmentation and dropout layers
+starts at ``(k + i, 0)``, ``k`` from the seed and the epoch: docs/gap-measurement.md), written out here, so
+that the augmented batches and dropout masks are the same ones."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from finetune_ablation.demo_base import demo_weights_path
 from finetune_ablation.gap import GapCallback, probe
 
 from .helpers import new_store
-from .test_measurement import Pass
+from .independent import Pass
 
 IMG_SIZE = (32, 32)
 BATCH = 8
@@ -174,8 +175,9 @@ class HandBuiltCheck(keras.callbacks.Callback):
             model.layers[5],
         )
         seeds = [v for layer in (*aug.layers, drop) for v in layer.variables if "seed_generator_state" in v.path]
+        k = int(np.random.SeedSequence([SEED, epoch]).generate_state(1)[0])  # one stream per layer
         for i, state in enumerate(seeds):
-            state.assign(np.array([SEED * 1_000_003 + epoch, i], dtype=state.dtype))
+            state.assign(np.array([(k + i) % (2**31 - 2), 0], dtype=state.dtype))
         bn_stats = [
             v for bn in base.layers if isinstance(bn, layers.BatchNormalization) for v in bn.non_trainable_variables
         ]

@@ -1,193 +1,92 @@
-"""The gap measurement against computations that share none of its code (issue 11, item 1).
+"""The gap measurement against computations that share none of its code (issue 11, item 1; issue 33).
 
-A Keras callback rides along phase 2 of a real run (trainable BatchNorm, augmentation and dropout on).
-It snapshots every model variable in ``on_test_begin``, i.e. after the epoch's last training step and
-before any ``on_epoch_end`` callback (the meter included) runs. In ``on_epoch_end``, after the meter, it
-puts the snapshot back and rebuilds each condition by hand: the images are read with Keras's own loader
-(``image_dataset_from_directory`` fixes the split; ``load_img`` reads each file), every pass is a plain
-call of the model's layers, and the losses are computed in float64 NumPy. What it shares with the meter is
-the documented seeding rule of the measuring draws on the whole-model path (seed state ``i`` of the
-augmentation and head-dropout layers starts at ``(seed * 1_000_003 + epoch, i)`` every epoch), so that the
-augmented batches and dropout masks are the same ones.
+``tests/independent.py``'s ``IndependentCheck`` rides along both phases of a real run, on the whole-model
+path and on frozen inputs, with trainable BatchNorm (unfrozen from layer 100), augmentation and dropout on
+and a real learning rate, and rebuilds every measured condition by hand, drawing the augmentations and
+masks in its own way (see its docstring). The BN momentum is lowered to 0.9 from the start of each phase
+(as a larger data set, or EfficientNet's 0.99, would do): statistics that drift during the measuring loop
+then show clearly, at four batches an epoch.
 
-The BN momentum is lowered to 0.9 at the start of phase 2 (as a larger data set, or EfficientNet's 0.99,
-would do): statistics that drift during the measuring loop then show clearly, at four batches an epoch."""
+With the weights held still, ``gap/lag`` must be exactly 0 on every path: the measuring pass replays what
+training computed, and Keras's own epoch-averaged ``loss`` and ``accuracy`` are the independent numbers."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import itertools
 
 import keras
-import mlflow
 import numpy as np
 import pytest
 
-from finetune_ablation.run.train import train_and_log
-
-from .helpers import make_cfg
+from .helpers import history, make_cfg, read_split
+from .independent import IndependentCheck, train_with
 
 SEED = 42
-SPLIT_SEED = 42
 BATCH = 8
 MOMENTUM = 0.9
-# Relative precision of a float32 forward pass through the base, as a fraction of the size of the terms
-# summed into a logit: float32 rounds at 6e-8; ~100 layers of sums and differently ordered kernels on
-# another CPU stay well below 1e-5; 1e-4 leaves a margin of ten.
-RELATIVE = 1e-4
-
-
-def read_split(image_dir: Path, size: int, seed: int = SPLIT_SEED, validation_split: float = 0.2):
-    """Both splits as Keras splits the folder, read file by file: (images, labels) in the file order."""
-    train, val = keras.utils.image_dataset_from_directory(
-        str(image_dir),
-        validation_split=validation_split,
-        subset="both",
-        seed=seed,
-        batch_size=None,
-        image_size=(size, size),
-        verbose=False,
-    )
-    classes = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
-
-    def read(paths):
-        images = [keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size))) for p in paths]
-        labels = np.array([classes.index(Path(p).parent.name) for p in paths])
-        return np.stack(images).astype(np.float32), labels
-
-    return read(train.file_paths), read(val.file_paths)
-
-
-class Pass:
-    """Logits of one condition over a split, computed in float64 from the pooled features and the
-    logits layer's weights, with the size of the terms each logit sums (its float32 error scale)."""
-
-    def __init__(self):
-        self.logits, self.scale, self.labels = [], [], []
-
-    def add(self, features, head: keras.layers.Dense, labels) -> None:
-        kernel, bias = (np.asarray(w, dtype=np.float64) for w in head.get_weights())
-        f = np.asarray(features, dtype=np.float64)
-        self.logits.append(f @ kernel + bias)
-        self.scale.append((np.abs(f) @ np.abs(kernel) + np.abs(bias)).max(axis=1))
-        self.labels.append(np.asarray(labels))
-
-    def result(self, threshold: float = 0.0) -> tuple[float, float, float, int, int]:
-        """Accuracy (one logit: class 1 above ``threshold``), mean loss, the loss's error bound, the number
-        of images whose predicted class a rounding error could flip, and the number of images."""
-        z, s, y = (np.concatenate(v) for v in (self.logits, self.scale, self.labels))
-        tolerance = RELATIVE * s  # per-image error bound of every logit
-        if z.shape[1] == 1:  # one logit: sigmoid; |d loss / d logit| <= 1
-            z = z[:, 0]
-            losses = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
-            correct, margin, slope = (z > threshold) == (y > 0.5), np.abs(z - threshold), 1.0
-        else:  # softmax; the loss moves at most 2x the largest logit error, a margin 2x as well
-            top = np.max(z, axis=1, keepdims=True)
-            losses = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0] - z[np.arange(len(y)), y.astype(int)]
-            ordered = np.sort(z, axis=1)
-            correct, margin, slope = np.argmax(z, axis=1) == y, (ordered[:, -1] - ordered[:, -2]) / 2, 2.0
-        borderline = int(np.sum(margin <= tolerance))
-        return float(correct.mean()), float(losses.mean()), slope * float(tolerance.mean()), borderline, len(y)
-
-    def compare(self, measured_accuracy: float, measured_loss: float, name: str, threshold: float = 0.0) -> None:
-        accuracy, loss, loss_tolerance, borderline, count = self.result(threshold)
-        assert abs(measured_loss - loss) <= loss_tolerance, (name, measured_loss, loss, loss_tolerance)
-        assert abs(round(measured_accuracy * count) - round(accuracy * count)) <= borderline, (
-            name,
-            measured_accuracy,
-            accuracy,
-        )
-
-
-def independent_passes(model: keras.Model, train, val, batch: int = 8) -> tuple[Pass, Pass]:
-    """train_clean and val of ``model`` (inference mode), batch by batch over the splits."""
-    pre, pool, head = (model.get_layer(n) for n in ("preprocess", "pool", "logits"))
-    aug = model.get_layer("augmentation")
-    base = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer is not aug)
-    out = []
-    for images, labels in (train, val):
-        p = Pass()
-        for start in range(0, len(labels), batch):
-            x = images[start : start + batch]
-            p.add(pool(base(pre(x), training=False)), head, labels[start : start + batch])
-        out.append(p)
-    return out[0], out[1]
-
-
-class IndependentCheck(keras.callbacks.Callback):
-    """Recomputes the measured conditions at every phase-2 epoch end (see the module docstring)."""
-
-    def __init__(self, train, val):
-        super().__init__()
-        self.train, self.val = train, val
-        self.checked: list[int] = []
-
-    def _bns(self):
-        return [layer for layer in self.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-
-    def on_train_begin(self, logs=None):
-        for bn in self._bns():
-            bn.momentum = MOMENTUM
-
-    def on_test_begin(self, logs=None):
-        self.snapshot = [np.array(v.numpy(), copy=True) for v in self.model.variables]
-
-    def on_epoch_end(self, epoch, logs=None):
-        model = self.model
-        after_meter = [np.array(v.numpy(), copy=True) for v in model.variables]
-        for v, value in zip(model.variables, self.snapshot, strict=True):
-            v.assign(value)
-        aug, pre, pool, drop, head = (
-            model.get_layer(n) for n in ("augmentation", "preprocess", "pool", "dropout", "logits")
-        )
-        base = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer is not aug)
-        seeds = [v for layer in (aug, drop) for v in layer.variables if "seed" in v.path]
-        for i, state in enumerate(seeds):
-            state.assign(np.array([SEED * 1_000_003 + epoch, i], dtype=state.dtype))
-        drop_seeds = [v for v in drop.variables if "seed" in v.path]
-        bn_stats = [v for bn in self._bns() for v in (bn.moving_mean, bn.moving_variance)]
-        passes = {name: Pass() for name in ("train_mode", "no_batchnorm", "no_dropout", "train_clean", "val")}
-        images, labels = self.train
-        for start in range(0, len(labels), BATCH):
-            x, y = images[start : start + BATCH], labels[start : start + BATCH]
-            augmented = aug(x, training=True)
-            # training mode: batch statistics (Keras assigns the moving ones: put them back at once)
-            stats = [np.array(v.numpy(), copy=True) for v in bn_stats]
-            f_train = pool(base(pre(augmented), training=True))
-            for v, value in zip(bn_stats, stats, strict=True):
-                v.assign(value)
-            f_moving = pool(base(pre(augmented), training=False))  # MobileNetV2 has no random layers
-            mask_state = [np.array(v.numpy(), copy=True) for v in drop_seeds]
-            passes["train_mode"].add(drop(f_train, training=True), head, y)
-            for v, value in zip(drop_seeds, mask_state, strict=True):
-                v.assign(value)
-            passes["no_batchnorm"].add(drop(f_moving, training=True), head, y)
-            passes["no_dropout"].add(f_moving, head, y)
-            passes["train_clean"].add(pool(base(pre(x), training=False)), head, y)
-        passes["val"] = independent_passes(model, self.val, self.val, BATCH)[1]
-        for name in ("train_mode", "no_batchnorm", "no_dropout", "train_clean"):
-            passes[name].compare(logs[f"{name}_accuracy"], logs[f"{name}_loss"], name)
-        passes["val"].compare(logs["val_accuracy"], logs["val_loss"], "val")
-        # measuring changed nothing the next epoch reads: the meter left the end-of-epoch values
-        for before, after in zip(self.snapshot, after_meter, strict=True):
-            np.testing.assert_array_equal(before, after)
-        for v, value in zip(model.variables, after_meter, strict=True):
-            v.assign(value)
-        self.checked.append(epoch)
+PATHS = {"whole model": "cache.features=false", "frozen inputs": "cache.features=true"}
+# every random part on, BatchNorm trainable from layer 100 in phase 2 (the frozen bottom is cut there)
+EVERYTHING_ON = ("augment=standard", "model.dropout=0.2", "model.freeze_bn=false", "model.fine_tune_at=100")
 
 
 @pytest.mark.slow
-def test_measured_conditions_equal_independent_passes_with_trainable_batchnorm(image_dir, tracking_uri):
-    """The whole-model path (``cache.features=false``), where the meter draws its own augmentations. With
-    frozen inputs it measures the epoch's own batches instead: tests/test_cache.py checks those against
-    Keras's own training loss."""
-    overrides = ("model.freeze_bn=false", "augment=standard", "diagnostics=full", "cache.features=false")
-    cfg = make_cfg(image_dir, tracking_uri, *overrides, "model.fine_tune_at=100")  # 18 BatchNorm layers train
-    assert cfg.data.batch_size == BATCH and cfg.seed == SEED
-    check = IndependentCheck(*read_split(image_dir, cfg.data.image_size))
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run():
-        train_and_log(cfg, extra_callbacks=[check])
-    assert check.checked == [2, 3]  # both phase-2 epochs, BN trainable in both
+@pytest.mark.parametrize("path", PATHS)
+def test_measured_conditions_equal_independent_passes_in_both_phases(image_dir, tracking_uri, monkeypatch, path):
+    """Every condition of every epoch of both phases, on both paths, equals the independent check's. The
+    frozen-inputs run attributes by Shapley values (diagnostics.attribution=shapley): its batchnorm, dropout
+    and augmentation components also equal the check's, from all eight corners averaged over six orders."""
+    shapley = path == "frozen inputs"
+    attribution = f"diagnostics.attribution={'shapley' if shapley else 'ordered'}"
+    cfg = make_cfg(image_dir, tracking_uri, *EVERYTHING_ON, "diagnostics=full", attribution, PATHS[path])
+    assert cfg.data.batch_size == BATCH and cfg.data.seed == SEED
+    train, val = read_split(image_dir, cfg.data.image_size)
+    check = IndependentCheck(train, val, None, SEED, BATCH, MOMENTUM, shapley=shapley)
+    run = train_with(monkeypatch, cfg, check)
+    assert check.checked == [(1, 0), (1, 1), (2, 2), (2, 3)]
+    on = "off" if path == "whole model" else "on: "
+    assert all(run.data.tags[f"feature_cache.phase{p}"].startswith(on) for p in (1, 2)), run.data.tags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
+def test_lag_is_exactly_zero_with_the_weights_held_still(image_dir, tracking_uri, monkeypatch, path):
+    """A learning rate of 1e-46 is 0 in float32: no weight moves in either phase. The epoch's batches,
+    augmentations and dropout masks then give the end-of-epoch model what they gave it during the epoch,
+    and the measured training-mode numbers equal Keras's own epoch averages bit for bit, in accuracy and
+    in loss, with BatchNorm on batch statistics in phase 2. (Before the measuring pass replayed training's
+    draws, the lag of such a run was -6.3 to +9.4 points.)"""
+    still = ("train.base_lr=1e-46", "train.fine_tune_lr=1e-46", "diagnostics=full")
+    cfg = make_cfg(image_dir, tracking_uri, *EVERYTHING_ON, *still, PATHS[path])
+    run = train_with(monkeypatch, cfg)
+    uri, run_id = tracking_uri, run.info.run_id
+    assert [v for _, v in history(uri, run_id, "learning_rate")] == [0.0] * 4  # float32(1e-46)
+    for key in ("gap/lag", "gap_loss/lag"):
+        assert [v for _, v in history(uri, run_id, key)] == [0.0] * 4, history(uri, run_id, key)
+    assert history(uri, run_id, "train_mode_loss") == history(uri, run_id, "loss")
+    # the effects the lag must not contain were there: dropout and BatchNorm move the training-mode numbers
+    assert all(v != 0 for _, v in history(uri, run_id, "gap_loss/dropout"))
+    assert all(v != 0 for _, v in history(uri, run_id, "gap_loss/batchnorm")[2:])
+
+
+def test_own_seed_streams_never_overlap():
+    """Without a replay each random layer draws from a stream of its own: Keras advances a seed state's
+    second element once per draw, so streams that start at ``(k + i, 0)`` never meet, where the former
+    rule ``(k, i)`` made layer i's draw for batch b + 1 the one layer i + 1 made for batch b."""
+    from finetune_ablation.gap.meter import own_seed_states
+
+    def streams(states, draws: int) -> list[list[tuple[int, int]]]:
+        out = []
+        for state in states:
+            generator = keras.random.SeedGenerator(0)
+            generator.state.assign(state)
+            out.append([tuple(int(v) for v in generator.next().numpy()) for _ in range(draws)])
+        return out
+
+    own = streams(own_seed_states(42, 3, 3), 50)
+    assert not set(own[0]) & set(own[1]) and not set(own[1]) & set(own[2]) and not set(own[0]) & set(own[2])
+    former = streams([np.array([42 * 1_000_003 + 3, i]) for i in range(3)], 50)
+    assert former[0][1] == former[1][0]  # the overlap the streams avoid
+    assert own_seed_states(42, 3, 3)[0].tolist() != own_seed_states(42, 4, 3)[0].tolist()  # a new draw per epoch
 
 
 @pytest.mark.slow
@@ -210,7 +109,7 @@ def test_measuring_passes_are_traced_once_per_run_and_the_cut_is_exact(image_dir
     scorer = Scorer(
         "accuracy",
         lambda y, logits: keras.metrics.binary_accuracy(y, logits, threshold=0.0),
-        keras.losses.BinaryCrossentropy(from_logits=True).call,
+        keras.losses.BinaryCrossentropy(from_logits=True),
     )
     freeze_base(base)
     phase1 = GapMeter(clf.model, data.train_in_order, SEED)
@@ -243,3 +142,33 @@ def test_measuring_passes_are_traced_once_per_run_and_the_cut_is_exact(image_dir
     assert names == ["block_10_project_BN", "block_11_expand_relu"]
     x = clf.preprocess(next(iter(data.train_in_order))[0])
     np.testing.assert_array_equal(split.frozen.top(split.frozen.bottom(x)), base(x, training=False))
+
+
+def test_removal_orders_and_shapley_values_on_a_known_interaction():
+    """Corners of a known response: main effects b, d, a and one interaction i between BatchNorm and
+    augmentation (present only while both are on). Each order puts i in the one of the two it removes
+    first (the other is then removed from a model without the interaction): the chain's BatchNorm. The
+    Shapley value gives each half; every attribution sums to the same all-off minus all-on."""
+    from finetune_ablation.gap.decomposition import EFFECTS, ordered_components, shapley_components
+
+    b, d, a, i = 0.03, -0.02, 0.05, 0.04
+
+    def value(removed: frozenset) -> float:  # the training-mode number with ``removed`` effects off
+        on = set(EFFECTS) - removed
+        return (
+            0.5
+            - b * ("batchnorm" in on)
+            - d * ("dropout" in on)
+            - a * ("augmentation" in on)
+            - i * ({"batchnorm", "augmentation"} <= on)
+        )
+
+    corners = {frozenset(s): value(frozenset(s)) for n in range(4) for s in itertools.combinations(EFFECTS, n)}
+    chain = ordered_components(corners)
+    assert chain == pytest.approx({"batchnorm": b + i, "dropout": d, "augmentation": a}, abs=1e-15)
+    reverse = ordered_components(corners, ("augmentation", "dropout", "batchnorm"))
+    assert reverse == pytest.approx({"batchnorm": b, "dropout": d, "augmentation": a + i}, abs=1e-15)
+    shapley = shapley_components(corners)
+    assert shapley == pytest.approx({"batchnorm": b + i / 2, "dropout": d, "augmentation": a + i / 2}, abs=1e-15)
+    everything = corners[frozenset(EFFECTS)] - corners[frozenset()]
+    assert sum(shapley.values()) == pytest.approx(everything, abs=1e-15) == sum(chain.values())

@@ -125,9 +125,15 @@ class DiagnosticsLevel(str, Enum):
     off = "off"
 
 
+class Attribution(str, Enum):
+    ordered = "ordered"  # effects removed in one order: BatchNorm, dropout, augmentation
+    shapley = "shapley"  # averaged over all six orders (docs/gap-measurement.md, "The removal order")
+
+
 @dataclass
 class DiagnosticsConfig:
     level: DiagnosticsLevel = DiagnosticsLevel.full
+    attribution: Attribution = Attribution.ordered
 
 
 @dataclass
@@ -138,7 +144,7 @@ class CacheConfig:
     phase1: bool = field(default=True, metadata=RECORDING)
     # Train what lies above the frozen part of the base on its output: computed once per image (augment=none)
     # or every epoch in the pipeline (run/feature_cache.py). Equal to the uncached run only to float
-    # tolerance (with augmentation the measurement draws differently): in both keys, not a factor.
+    # tolerance: in both keys, not a factor.
     features: bool = field(default=True, metadata=EQUIVALENT)
 
 

@@ -17,7 +17,7 @@ from .data import as_split, split_labels
 from .decomposition import chance_warning, decompose, majority_rate
 from .keras_probe import probe
 from .layers import augmentation_layers
-from .meter import GapMeter, KeptBatches, Stage
+from .meter import GapMeter, KeptBatches, Stage, TrainingOrder
 from .parts import NotStaged, Parts
 from .scoring import Scorer
 from .sentence import gap_summary
@@ -57,6 +57,12 @@ class GapCallback(keras.callbacks.Callback):
         model: the model to measure when ``fit`` trains another one on precomputed inputs (``ablate``).
         precomputed: what ``train_data`` holds when it is not the model's inputs (``ablate``).
         verbose: print the one-line notes (what cannot be separated, and why).
+        order: the batches ``fit`` reads, from a pipeline of their own (``ablate``): the measurement then
+            replays each epoch's own batches, augmentations and dropout masks (meter.TrainingOrder); without
+            it, it draws its own, and ``gap/lag`` holds the difference between two draws too.
+        attribution: ``"ordered"`` (BatchNorm, dropout, augmentation removed in that order: an interaction
+            lands in the one removed first) or ``"shapley"`` (each averaged over all removal orders; measures
+            the 2x2x2 corners). See docs/gap-measurement.md.
     """
 
     def __init__(
@@ -71,6 +77,8 @@ class GapCallback(keras.callbacks.Callback):
         model: keras.Model | None = None,
         precomputed: Precomputed | None = None,
         verbose: bool = True,
+        order: TrainingOrder | None = None,
+        attribution: str = "ordered",
     ):
         super().__init__()
         if when not in ("every_epoch", "last_epoch"):
@@ -85,6 +93,8 @@ class GapCallback(keras.callbacks.Callback):
         self.measured_model = model
         self.precomputed = precomputed
         self.verbose = verbose
+        self.order = order
+        self.attribution = attribution
         self.rows: list[dict] = []  # one per measured epoch: phase, epoch and the epoch's logs
         self.phase = 0  # fit calls so far: phase 2 is the second fit (fine-tuning)
         self.meter: GapMeter | WholeModelMeter | None = None
@@ -124,14 +134,17 @@ class GapCallback(keras.callbacks.Callback):
                 raise
             self.how = f"whole-model passes ({exc})"
             self._say(f"each condition runs the whole model: {exc}")
-            return WholeModelMeter(model, self.train_data, self.seed)
+            return WholeModelMeter(model, self.train_data, self.seed, self.order)
         behaviour = probe()
         if not behaviour.fit_flag_reaches_every_layer and not self.precomputed:
             self.how = "whole-model passes (training flags given at construction win in this Keras)"
             self._say(f"each condition runs the whole model, as fit does: {behaviour.sentence()}")
-            return WholeModelMeter(model, self.train_data, self.seed)
+            return WholeModelMeter(model, self.train_data, self.seed, self.order)
         self.how = "staged passes (the frozen part runs once per batch)"
-        return GapMeter(model, self.train_data, self.seed, stage, kept)
+        return GapMeter(model, self.train_data, self.seed, stage, kept, self.order)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.meter.epoch_begins(epoch)  # the seed states this epoch's training draws start from
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None:
@@ -143,8 +156,9 @@ class GapCallback(keras.callbacks.Callback):
         if f"val_{self._scorer.accuracy_name}" not in logs:
             self._say("fit has no validation_data this epoch: there is no gap to decompose")
             return
-        measured = self.meter.measure(epoch, self._scorer)
-        logs.update(decompose(logs, measured, self._validation_count(), self._scorer.accuracy_name))
+        measured = self.meter.measure(epoch, self._scorer, corners=self.attribution == "shapley")
+        name = self._scorer.accuracy_name
+        logs.update(decompose(logs, measured, self._validation_count(), name, self.attribution))
         self.rows.append({"phase": self.phase, "epoch": epoch, **{k: float(v) for k, v in logs.items()}})
 
     def _validation_count(self) -> int | None:
@@ -162,7 +176,18 @@ class GapCallback(keras.callbacks.Callback):
 
     def summary(self) -> str:
         """The sentence for the last measured epoch of each ``fit`` (phase), printed and returned."""
-        text = gap_summary(self.rows, self.warning()) if self.rows else "no epoch measured yet\n"
+        if not self.rows:
+            text = "no epoch measured yet\n"
+        else:
+            labels = self._val_labels.tolist() if self._val_labels is not None else None
+            text = gap_summary(
+                self.rows,
+                self.warning(),
+                val_count=len(labels) if labels else None,
+                majority=majority_rate(labels) if labels else None,
+                replayed=self.meter.replayed,
+                attribution=self.attribution,
+            )
         print(text, end="")
         return text
 

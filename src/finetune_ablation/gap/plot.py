@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from .. import record as rec
 from .decomposition import COMPONENTS
+from .sentence import headline
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, in the backend the caller chose
     import matplotlib.pyplot as plt
@@ -30,8 +31,9 @@ def mark_phase_boundary(ax: plt.Axes, history: pd.DataFrame) -> None:
 
 
 def gap_chart(history: pd.DataFrame, warning: str | None = None) -> plt.Figure:
-    """Stacked bars of the gap components per epoch (positive up, negative down), total marked; an
-    at-chance ``warning`` goes first, above the title, in red."""
+    """Stacked bars of the gap components per epoch (positive up, negative down), total marked; the title
+    follows the sign of the last measured epoch's total; an at-chance ``warning`` goes first, above the
+    title, in red."""
     import matplotlib.pyplot as plt
 
     last = rec.gap_metric(rec.GAP_COMPONENTS[-1])
@@ -58,7 +60,8 @@ def gap_chart(history: pd.DataFrame, warning: str | None = None) -> plt.Figure:
     mark_phase_boundary(ax, history)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy points (validation - training)")
-    ax.set_title("Why validation beats training: the gap, decomposed")
+    last_total = float(measured[rec.GAP_TOTAL].iloc[-1]) if len(measured) else None
+    ax.set_title(headline(last_total) if last_total is not None else "The gap between validation and training")
     if warning:
         ax.set_title("AT CHANCE: these components are noise\n" + ax.get_title(), color="tab:red")
         fig.text(0.01, 0.01, fill(warning, 110), fontsize=7, color="tab:red", va="bottom")

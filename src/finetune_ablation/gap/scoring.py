@@ -2,9 +2,15 @@
 
 The measured conditions must use Keras's own definitions, or the chain from Keras's ``accuracy`` to its
 ``val_accuracy`` would mix two meanings of a number: the course's ``metrics=['accuracy']`` on logits
-thresholds them at 0.5, and the measurement does the same (``check`` names that as a finding). Losses
-are summed in float64; sample and class weights are left out (Keras's ``loss`` includes neither when fit
-gets none, and the measurement compares the examples themselves)."""
+thresholds them at 0.5, and the measurement does the same (``check`` names that as a finding).
+
+The numbers are also averaged as Keras averages its own ``loss`` and accuracy over an epoch (``Tally``):
+each batch's loss is the compiled loss's reduction of the batch, weighted by the batch size in a float32
+``Mean``, and each example's accuracy value goes into another. A condition that computes what training
+computed then gives Keras's number bit for bit: with the weights held still, ``gap/lag`` is exactly 0.
+Sample and class weights are left out (Keras's ``loss`` includes neither when fit gets none, and the
+measurement compares the examples themselves); so are penalties a model adds with ``add_loss`` or weight
+regularizers, which Keras adds to its ``loss`` (they would show in ``gap/lag``)."""
 
 from __future__ import annotations
 
@@ -65,9 +71,27 @@ def _same_rank(fn: Callable) -> Callable:
     return call
 
 
+def batch_loss(model: keras.Model) -> Callable | None:
+    """The loss of one batch as the model's ``train_step`` computes it: its compiled loss (one output), or
+    the compile argument reduced as Keras reduces it (the mean over the batch)."""
+    compiled = getattr(model, "_compile_loss", None)
+    if compiled is not None and getattr(compiled, "built", False):
+        return lambda y, outputs: compiled(y, outputs)
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if not callable(loss):
+        return None
+    same_rank = _same_rank(loss)
+    return lambda y, outputs: keras.ops.mean(same_rank(y, outputs))  # as compile wraps a function: the mean
+
+
 @dataclass(frozen=True)
 class Scorer:
-    """``per_example(y, outputs)``: the number of correct predictions and the per-example losses."""
+    """``correct(y, outputs)``: each example's accuracy value (1 or 0); ``loss(y, outputs)``: the batch's
+    loss, as the model's compiled loss reduces it."""
 
     accuracy_name: str  # what Keras logs the accuracy as (``val_`` + it for validation)
     correct: Callable
@@ -82,12 +106,37 @@ class Scorer:
                 f"{model.name} was compiled without an accuracy metric: compile with metrics=['accuracy'] "
                 "(or keras.metrics.BinaryAccuracy(threshold=0.0) for logits)"
             )
-        loss = per_example_loss(getattr(model, "loss", None))
+        loss = batch_loss(model) if per_example_loss(getattr(model, "loss", None)) else None
         if loss is None:
             raise ScoringError(f"{model.name}'s loss is not one function (one output only): compile with one loss")
         fn, kwargs = metric._fn, dict(metric._fn_kwargs)
         return cls(metric.name, lambda y, out: fn(y, out, **kwargs), loss)
 
-    def per_example(self, y: tf.Tensor, outputs: tf.Tensor) -> tuple[int, tf.Tensor]:
-        correct = round(float(tf.reduce_sum(tf.cast(self.correct(y, outputs), tf.float64))))
-        return correct, self.loss(y, outputs)
+
+class Tally:
+    """One condition's numbers over the batches of a split, averaged as Keras averages its epoch's
+    ``loss`` and accuracy: two float32 ``keras.metrics.Mean``, one fed each batch's loss weighted by the
+    batch size (the ``loss`` tracker of ``train_step``), one fed each example's accuracy value (the
+    accuracy metric, a ``MeanMetricWrapper``). ``correct`` counts the correct examples, for intervals."""
+
+    def __init__(self):
+        self._loss = keras.metrics.Mean()
+        self._accuracy = keras.metrics.Mean()
+        self.correct = 0
+        self.count = 0
+
+    def add(self, scorer: Scorer, outputs: tf.Tensor, y: tf.Tensor) -> None:
+        n = int(y.shape[0])
+        self._loss.update_state(scorer.loss(y, outputs), sample_weight=n)
+        values = scorer.correct(y, outputs)
+        self._accuracy.update_state(values)
+        self.correct += round(float(tf.reduce_sum(tf.cast(values, tf.float64))))
+        self.count += n
+
+    @property
+    def accuracy(self) -> float:
+        return float(self._accuracy.result())
+
+    @property
+    def loss(self) -> float:
+        return float(self._loss.result())

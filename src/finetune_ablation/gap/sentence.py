@@ -1,39 +1,106 @@
-"""The gap in words: one sentence per phase (``gap_summary.txt`` of a run, ``GapCallback.summary()``)."""
+"""The gap in words: one sentence per phase (``gap_summary.txt`` of a run, ``GapCallback.summary()``), and
+the headline the figure and the report take from the total's sign."""
 
 from __future__ import annotations
 
 from .. import record as rec
+from ..chance import accuracy_interval, at_chance
 from ..console import points
 from .decomposition import COMPONENTS
+
+# What each component contains (docs/gap-measurement.md), with the effects removed in one order...
+_LAG = (
+    "lag = Keras's epoch-averaged training number vs the end-of-epoch weights on the very batches, "
+    "augmentations and dropout masks the epoch trained on (the weights' movement alone: 0 with still weights); "
+)
+_SPLIT = "split = validation vs the clean training split (the real generalisation gap)."
+LEGEND = (
+    _LAG + "batchnorm = BatchNorm on batch vs moving statistics; dropout = dropout on vs off, given BatchNorm "
+    "off; augmentation = the epoch's augmented vs the same clean images, given both off (an interaction of "
+    "two effects lands in the one removed first); " + _SPLIT
+)
+# ... or each averaged over all six orders (diagnostics.attribution=shapley)
+LEGEND_SHAPLEY = (
+    _LAG + "batchnorm, dropout, augmentation = what removing each changes (BatchNorm to moving statistics, "
+    "dropout off, clean images), averaged over all six orders of removing the three (Shapley values: no "
+    "interaction lands in one alone); " + _SPLIT
+)
+# without a replay of the epoch (GapCallback on a dataset whose training order it cannot know)
+LEGEND_OWN_DRAWS = (
+    " The measurement could not replay the epoch's batches and draws: lag also holds the difference between "
+    "training's augmentations and dropout masks and the measurement's own."
+)
+
+
+def lead(total: float) -> str:
+    """Who beats whom, by how much: the total as it rounds (to 0.1 points), "level" when it rounds to 0."""
+    written = points(total)
+    if written == "+0.0":
+        return "validation and training are level (0.0 points)"
+    if written.startswith("-"):
+        return f"training beats validation by {written[1:]} points"
+    return f"validation beats training by {written[1:]} points"
+
+
+def headline(total: float) -> str:
+    """A title that follows the total's sign: why training beats validation when it does."""
+    written = points(total)
+    if written == "+0.0":
+        return "Validation and training level: the gap, decomposed"
+    if written.startswith("-"):
+        return "Why training beats validation: the gap, decomposed"
+    return "Why validation beats training: the gap, decomposed"
 
 
 def gap_sentence(row: dict[str, float]) -> str:
     """One plain sentence: the total gap and its components by size, in accuracy points."""
-    total = points(row[rec.GAP_TOTAL])  # the sign as written: a total that rounds to 0.0 reads as +0.0
     parts = sorted(COMPONENTS, key=lambda c: -abs(row[rec.gap_metric(c)]))
     listed = ", ".join(f"{c} {points(row[rec.gap_metric(c)])}" for c in parts)
-    leader = "training beats validation" if total.startswith("-") else "validation beats training"
-    lead = f"{leader} by {total[1:]} points"
-    return f"{lead}: {listed}"
+    return f"{lead(row[rec.GAP_TOTAL])}: {listed}"
 
 
-def gap_summary(rows: list[dict], warning: str | None = None) -> str:
-    """The sentence for the last measured epoch of each phase (``gap_summary.txt``), after the
-    at-chance ``warning`` if there is one."""
+def _phase_chance(row: dict, val_count: int | None, majority: float | None) -> str:
+    """The phase's own at-chance check: its last measured epoch's validation accuracy against the
+    majority-class rate (the project's one rule, chance.at_chance), as a note for its line."""
+    if not val_count or majority is None or rec.VAL_ACCURACY not in row:
+        return ""
+    accuracy = float(row[rec.VAL_ACCURACY])
+    if not at_chance(accuracy, val_count, majority):
+        return ""
+    low, high = accuracy_interval(accuracy, val_count)
+    return (
+        f", AT CHANCE (val_accuracy {accuracy:.3f}, 95% interval {low:.3f}-{high:.3f}, majority-class rate "
+        f"{majority:.3f}: these components are noise)"
+    )
+
+
+def gap_summary(
+    rows: list[dict],
+    warning: str | None = None,
+    *,
+    val_count: int | None = None,
+    majority: float | None = None,
+    replayed: bool = True,
+    attribution: str = "ordered",
+) -> str:
+    """The sentence for the last measured epoch of each phase (``gap_summary.txt``), after the run's
+    at-chance ``warning`` if there is one. Given the validation size and its majority-class rate, each
+    phase's line carries its own chance check; ``replayed``: whether the measurement replayed the epochs'
+    own batches and draws (the legend says what lag holds otherwise); ``attribution``: how the three
+    middle components share their interactions (``diagnostics.attribution``)."""
     lines = [warning, ""] if warning else []
     for phase in sorted({r["phase"] for r in rows}):
         measured = [r for r in rows if r["phase"] == phase and rec.GAP_TOTAL in r]
         if measured:
             last = measured[-1]
+            chance = _phase_chance(last, val_count, majority)
             # epochs counted from 1 as the console prints them; MLflow's step is the epoch index
-            lines.append(f"phase {phase}, epoch {last['epoch'] + 1} (step {last['epoch']}): {gap_sentence(last)}")
+            where = f"phase {phase}, epoch {last['epoch'] + 1} (step {last['epoch']})"
+            lines.append(f"{where}{chance}: {gap_sentence(last)}")
     if not any(line.startswith("phase ") for line in lines):
         lines.append("no gap measurement (diagnostics.level=off)")
         return "\n".join(lines) + "\n"
     lines.append("")
-    lines.append(
-        "lag = epoch-averaged train metric vs end-of-epoch weights; batchnorm = batch vs moving statistics; "
-        "dropout = dropout on vs off; augmentation = augmented vs clean images; split = validation vs "
-        "clean training split (the real generalisation gap)."
-    )
+    legend = LEGEND_SHAPLEY if attribution == "shapley" else LEGEND
+    lines.append(legend + ("" if replayed else LEGEND_OWN_DRAWS))
     return "\n".join(lines) + "\n"

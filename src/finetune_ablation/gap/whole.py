@@ -12,14 +12,15 @@ by what Keras reads while a pass is traced, never by rebuilding the model:
     train_clean    model(x, training=False): what validation computes
 
 The three augmented passes start from the same seed states, so they see the same augmented images and
-(train_mode and no_batchnorm) the same dropout masks; the states start at ``(seed * 1_000_003 + epoch, i)``
-every epoch, as on the staged path, and everything a pass can write is restored afterwards. It costs three
-or four passes of the whole model per batch, where the staged path (meter.py) runs the frozen part once."""
+(train_mode and no_batchnorm) the same dropout masks. Given a ``TrainingOrder`` the epoch is replayed as on
+the staged path (meter.py): the epoch's own batches, from the seed states captured as it began, so
+``gap/lag`` is the weights' movement alone; else the split in its own order, from a stream per random layer
+(``meter.own_seed_states``). Everything a pass can write is restored afterwards. It costs three or four
+passes of the whole model per batch, where the staged path runs the frozen part once."""
 
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from .decomposition import CONDITIONS
@@ -32,9 +33,9 @@ from .layers import (
     forward_state,
     seed_states,
 )
-from .meter import _Totals
+from .meter import TrainingOrder, own_seed_states
 from .passes import _while_tracing
-from .scoring import Scorer
+from .scoring import Scorer, Tally
 
 
 def _rate_attribute(layer: keras.layers.Layer) -> str:
@@ -44,10 +45,14 @@ def _rate_attribute(layer: keras.layers.Layer) -> str:
 class WholeModelMeter:
     """Measures the four training-split conditions with whole-model passes (see the module docstring)."""
 
-    def __init__(self, model: keras.Model, dataset: tf.data.Dataset, seed: int):
+    def __init__(self, model: keras.Model, dataset: tf.data.Dataset, seed: int, order: TrainingOrder | None = None):
         self.model = model
         self.dataset = dataset
         self.seed = seed
+        self.order = order
+        self._first_epoch: int | None = None
+        self._epoch_start: tuple[int, list] | None = None
+        self.replayed = False  # whether the last measure replayed the epoch's own batches and draws
         self.bns = batchnorm_layers(model)
         self.dropouts = dropout_layers(model)
         self.augments = bool(augmentation_layers(model))
@@ -77,17 +82,29 @@ class WholeModelMeter:
             for layer, attribute, value in saved:
                 setattr(layer, attribute, value)
 
-    def measure(self, epoch: int, scorer: Scorer) -> dict[str, float]:
+    def epoch_begins(self, epoch: int) -> None:
+        """Capture the seed states training's draws of this epoch start from."""
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+        self._epoch_start = (epoch, copy_values(self._seed_states))
+
+    def measure(self, epoch: int, scorer: Scorer, corners: bool = False) -> dict[str, float]:
         """Accuracy, loss and correct count under each condition, with everything a pass can write restored."""
+        if corners:
+            raise ValueError("diagnostics.attribution=shapley needs the staged passes (a model parts.Parts can cut)")
         variables = forward_state(self.model)
         saved = copy_values(variables)
-        for i, state in enumerate(self._seed_states):  # a fixed, reproducible draw per epoch
-            state.assign(np.array([self.seed * 1_000_003 + epoch, i], dtype=state.dtype))
-        totals = {name: _Totals() for name in CONDITIONS}
-        count = 0
+        replay = self.order is not None and self._epoch_start is not None and self._epoch_start[0] == epoch
+        self.replayed = replay
+        if replay:
+            assign_values(self._seed_states, self._epoch_start[1])
+            batches = self.order.epoch(epoch - self._first_epoch)
+        else:
+            assign_values(self._seed_states, own_seed_states(self.seed, epoch, len(self._seed_states)))
+            batches = self.dataset
+        tallies = {name: Tally() for name in CONDITIONS}
         try:
-            for x, y in self.dataset:
-                count += int(y.shape[0])
+            for x, y in batches:
                 draw = copy_values(self._seed_states)
                 outputs = {"train_mode": self._train(x)}
                 after = copy_values(self._seed_states)
@@ -104,15 +121,13 @@ class WholeModelMeter:
                 assign_values(self._seed_states, after)  # the next batch draws as if one pass had run
                 outputs["train_clean"] = self._clean(x) if self.augments else outputs["no_dropout"]
                 for name in CONDITIONS:
-                    correct, losses = scorer.per_example(y, outputs[name])
-                    totals[name].correct += correct
-                    totals[name].loss_sum += float(tf.reduce_sum(tf.cast(losses, tf.float64)))
+                    tallies[name].add(scorer, outputs[name], y)
         finally:
             assign_values(variables, saved)
         out: dict[str, float] = {}
-        for name, t in totals.items():
-            out[f"{name}_accuracy"] = t.correct / count
-            out[f"{name}_loss"] = t.loss_sum / count
-            out[f"{name}_correct"] = t.correct
-        out["train_count"] = count
+        for name, tally in tallies.items():
+            out[f"{name}_accuracy"] = tally.accuracy
+            out[f"{name}_loss"] = tally.loss
+            out[f"{name}_correct"] = tally.correct
+        out["train_count"] = tallies["train_clean"].count
         return out

@@ -21,12 +21,14 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from .. import record as rec
+from ..chance import accuracy_interval
 from ..config import DiagnosticsLevel
 from ..console import print_epoch
 from ..descriptions import run_description
 from ..gap.callback import GapCallback, Precomputed
-from ..gap.decomposition import chance_warning, majority_rate, wilson_interval
+from ..gap.decomposition import chance_warning, majority_rate
 from ..gap.keras_probe import probe
+from ..gap.meter import TrainingOrder
 from ..gap.plot import gap_chart
 from ..gap.sentence import gap_summary
 from . import feature_cache
@@ -165,6 +167,7 @@ def _run_phase(
     summary = {k: float(v) for k, v in trainable_summary(clf).items()}
     report = trainable_report(clf)
     callbacks: list[keras.callbacks.Callback] = []
+    steps = math.ceil(len(data.train_files) / data.batch_size)
     if measuring:
         epoch_batches = inputs.epoch_batches if inputs else None
         if epoch_batches is not None:
@@ -178,6 +181,8 @@ def _run_phase(
                 when="every_epoch" if cfg.diagnostics.level == DiagnosticsLevel.full else "last_epoch",
                 model=clf.model,
                 precomputed=Precomputed(inputs.stage, epoch_batches) if inputs else None,
+                order=_training_order(data, inputs, phase, steps),
+                attribution=str(cfg.diagnostics.attribution.value),  # docs/gap-measurement.md
                 verbose=False,  # the run's own record says what is measured (docs/gap-measurement.md)
             )
         )
@@ -185,7 +190,6 @@ def _run_phase(
     callbacks.append(ReturnFreedMemory())  # after the epoch's measuring and logging, before a caller's own
     callbacks.extend(extra_callbacks)
     before = bn_moving_stats(clf.base)
-    steps = math.ceil(len(data.train_files) / data.batch_size)
     fit_epochs(
         model, source.training_batches(phase), steps, source.val, first_epoch, epochs, callbacks, cfg.train.verbose
     )
@@ -193,6 +197,15 @@ def _run_phase(
     record = PhaseRecord(phase, summary, report)
     record.log(recorder)
     return record
+
+
+def _training_order(data: Datasets, inputs: FrozenInputs | None, phase: int, steps: int) -> TrainingOrder:
+    """The phase's training batches as ``fit`` reads them, un-augmented (the images, or the clean images'
+    frozen inputs), from a pipeline of their own: the gap measurement replays each epoch's own batches
+    (docs/gap-measurement.md)."""
+    if inputs is None:
+        return TrainingOrder(lambda: data.training_batches(phase), steps)
+    return TrainingOrder(lambda: data.reshuffled(inputs.train_images, phase), steps)
 
 
 def _frozen_inputs(
@@ -322,15 +335,16 @@ def _record_result(cfg: DictConfig, clf: Classifier, data: Datasets, rows: list[
     history = pd.DataFrame(rows)
     recorder.table(history, rec.HISTORY_CSV)
     val_accuracy = float(history[rec.VAL_ACCURACY].iloc[-1])
-    warning = _record_chance(data, val_accuracy, recorder)
+    majority = majority_rate([f.class_name for f in data.val_files])
+    warning = _record_chance(data, val_accuracy, majority, recorder)
     recorder.figure(learning_curves(history), rec.LEARNING_CURVES_PNG)
     if rec.GAP_TOTAL in history:
         recorder.figure(gap_chart(history, warning), rec.GAP_PNG)
-    summary = gap_summary(rows, warning)
-    recorder.text(summary, rec.GAP_SUMMARY_TXT)
+    attribution = str(cfg.diagnostics.attribution.value)
     n_val = len(data.val_files)
-    interval = wilson_interval(round(val_accuracy * n_val), n_val)
-    majority = majority_rate([f.class_name for f in data.val_files])
+    summary = gap_summary(rows, warning, val_count=n_val, majority=majority, attribution=attribution)
+    recorder.text(summary, rec.GAP_SUMMARY_TXT)
+    interval = accuracy_interval(val_accuracy, n_val)
     figures = [rec.GAP_PNG] if rec.GAP_TOTAL in history else [rec.LEARNING_CURVES_PNG]
     recorder.description(run_description(summary, val_accuracy, interval, n_val, majority), figures)
     recorder.text(OmegaConf.to_yaml(cfg, resolve=True), rec.CONFIG_YAML)
@@ -340,11 +354,13 @@ def _record_result(cfg: DictConfig, clf: Classifier, data: Datasets, rows: list[
     return val_accuracy
 
 
-def _record_chance(data: Datasets, val_accuracy: float, recorder: Recorder) -> str | None:
+def _record_chance(data: Datasets, val_accuracy: float, majority: float, recorder: Recorder) -> str | None:
     """``val_majority_rate`` and the tag ``gap.at_chance``: is the final model distinguishable from
-    always guessing the larger class? Returns the warning that summary and chart must lead with."""
-    majority = majority_rate([f.class_name for f in data.val_files])
+    always guessing the larger class? Returns the warning that summary and chart must lead with, and says
+    it on the console too (the last thing a user reads of a run at chance)."""
     warning = chance_warning(val_accuracy, len(data.val_files), majority)
     recorder.metrics({rec.VAL_MAJORITY_RATE: majority})
     recorder.tags({rec.AT_CHANCE_TAG: str(warning is not None).lower()})
+    if warning:
+        print(warning, flush=True)
     return warning
