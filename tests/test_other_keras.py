@@ -129,10 +129,12 @@ def _floor(name: str) -> Version:
 
 
 _INSTALLED = """
-import json, finetune_ablation, tensorflow, keras
+import json, sys, finetune_ablation, tensorflow, keras
 from finetune_ablation.fingerprints import installed
+from finetune_ablation.gap import GapCallback, check
 print(json.dumps({"suite": finetune_ablation.__file__, "tensorflow": tensorflow.__version__,
-                  "keras": keras.__version__, "keras_distribution": installed("keras")}))
+                  "keras": keras.__version__, "keras_distribution": installed("keras"),
+                  "gap": [sys.modules[f.__module__].__file__ for f in (GapCallback, check)]}))
 """
 
 
@@ -149,9 +151,13 @@ def test_a_plain_install_keeps_the_oldest_pair_at_pyprojects_floor():
 
 @pytest.mark.slow
 def test_a_non_editable_install_imports_in_a_fresh_venv():
-    """keras-next is a fresh venv with a plain `pip install .`: the suite imports from its site-packages."""
+    """keras-next is a fresh venv with a plain `pip install .`: the suite, `GapCallback` and `check` import
+    from its site-packages."""
     got = run_code(require(by_name("next")), _INSTALLED, installed=True)
     assert "site-packages" in got["suite"] and ".dev" in got["keras"], json.dumps(got)
+    # the notebook's two names come from that installed copy too (tests/test_notebook.py runs the whole
+    # notebook from it, and from the oldest venv's)
+    assert all(path.startswith(got["suite"].removesuffix("__init__.py")) for path in got["gap"]), got["gap"]
     # what the suite records as the Keras version (version.keras, the logged model's requirements): the
     # distribution that provides the module, as Keras itself reports its version
     assert got["keras_distribution"] == ["keras-nightly", got["keras"]], got
