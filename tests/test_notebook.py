@@ -99,8 +99,11 @@ def execute(python: Path, workdir: Path, isolated: bool) -> tuple[nbformat.Noteb
     argv = [str(python), *(["-I"] if isolated else []), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     spec = {"argv": argv, "display_name": KERNEL, "language": "python"}
     (kernels / KERNEL / "kernel.json").write_text(json.dumps(spec))
-    manager = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
-    client = NotebookClient(notebook, km=manager, timeout=600, resources={"metadata": {"path": str(workdir)}})
+    specs = KernelSpecManager(kernel_dirs=[str(kernels)])
+    manager = KernelManager(kernel_name=KERNEL, kernel_spec_manager=specs, ip="127.0.0.1")  # loopback only
+    client = NotebookClient(
+        notebook, km=manager, timeout=600, startup_timeout=300, resources={"metadata": {"path": str(workdir)}}
+    )
     start = time.perf_counter()
     client.execute(env=_kernel_environment(isolated))
     return notebook, time.perf_counter() - start
