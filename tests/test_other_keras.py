@@ -55,11 +55,14 @@ def _lines(findings: list[dict], text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_callback_and_the_check_on_the_course_model_under_each_keras(keras_env):
+@pytest.mark.parametrize("name", ["oldest", "next", "keras2"])
+def test_the_callback_and_the_check_on_the_course_model_under_each_keras(name):
     """tests/gap_under_keras.py: the course's model in miniature, both phases, with GapCallback and check, under
-    each Keras. Compared with what that Keras did, measured without the suite: the base's own BatchNorm drift
-    in the second fit, Keras's evaluate of the training split, the behaviour tests/keras_behaviour.py found
-    (BEHAVIOUR), and the same training without the callback."""
+    each other Keras (the current one: tests/test_gap_callback.py, with hand-built passes). Compared with what
+    that Keras did, measured without the suite: the base's own BatchNorm drift in the second fit, Keras's
+    evaluate of the training split, the behaviour tests/keras_behaviour.py found (BEHAVIOUR), and the same
+    training without the callback."""
+    keras_env = require(by_name(name))
     got = run_script(keras_env, REPO / "tests" / "gap_under_keras.py", timeout=300)
     assert got["keras"].startswith(KERAS_FAMILY[keras_env.name]), got["keras"]
     bn_kept, dropout_on = BEHAVIOUR[keras_env.name]
