@@ -7,8 +7,9 @@ preprocess_input -> MobileNetV2 called with training=False -> pooling -> dropout
 phases and learning rates. Three deviations, none of which changes the work done: ``weights=None``
 (no network here), accuracy thresholded at logit 0 (the course's ``"accuracy"`` thresholds logits at
 0.5), and phase 2 runs exactly ``fine_tune_epochs`` (the course's ``initial_epoch=history.epoch[-1]``
-repeats one epoch). Prints the phases' wall times as JSON, and with ``--memory`` the resident memory
-(MiB) at the end of every phase-2 epoch: the baseline for the suite's own (benchmarks/memory_per_epoch.py)."""
+repeats one epoch). Prints the phases' wall times and each epoch's end (seconds since the first compile)
+as JSON, and with ``--memory`` the resident memory (MiB) at the end of every phase-2 epoch: the baseline
+for the suite's own (benchmarks/memory_per_epoch.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf
 import tensorflow.keras.layers as tfl
-from resident import ResidentPerEpoch
+from resident import EpochEnds, ResidentPerEpoch
 from tensorflow.keras.preprocessing import image_dataset_from_directory
 
 
@@ -77,9 +78,12 @@ def main() -> None:
     loss = tf.keras.losses.BinaryCrossentropy(from_logits=True)
     accuracy = tf.keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")
     started = time.perf_counter()
+    epoch_ends = EpochEnds(started)
     model.compile(optimizer=tf.keras.optimizers.Adam(base_learning_rate), loss=loss, metrics=[accuracy])
     initial_epochs, fine_tune_epochs = args.epochs
-    model.fit(train_dataset, validation_data=validation_dataset, epochs=initial_epochs, verbose=0)
+    model.fit(
+        train_dataset, validation_data=validation_dataset, epochs=initial_epochs, verbose=0, callbacks=[epoch_ends]
+    )
     phase1 = time.perf_counter() - started
 
     resident = ResidentPerEpoch()
@@ -95,11 +99,12 @@ def main() -> None:
         initial_epoch=initial_epochs,
         validation_data=validation_dataset,
         verbose=0,
-        callbacks=[resident] if args.memory else [],
+        callbacks=[epoch_ends, *([resident] if args.memory else [])],
     )
     phase2 = time.perf_counter() - started
     memory = {"phase2_epoch_end_mib": resident.sizes} if args.memory else {}
-    print(json.dumps({"phase1_seconds": phase1, "phase2_seconds": phase2, **memory}))
+    ends = {"epoch_end_seconds": epoch_ends.seconds, "epoch_end_cpu_seconds": epoch_ends.cpu_seconds}
+    print(json.dumps({"phase1_seconds": phase1, "phase2_seconds": phase2, **ends, **memory}))
 
 
 if __name__ == "__main__":

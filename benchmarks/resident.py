@@ -1,9 +1,11 @@
 """Resident memory read at the end of every epoch, shared by benchmarks/memory_per_epoch.py (the suite) and
-benchmarks/plain_keras.py (the baseline), so both sides of row 6 measure the same way."""
+benchmarks/plain_keras.py (the baseline), so both sides of row 6 measure the same way; and when each epoch
+of the plain script ended (row 7's seconds per epoch)."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import keras
 
@@ -24,3 +26,18 @@ class ResidentPerEpoch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.sizes.append(round(resident_mib(), 1))
+
+
+class EpochEnds(keras.callbacks.Callback):
+    """Appends the seconds since ``started`` (a ``time.perf_counter`` value) and the process's CPU seconds
+    (``time.process_time``: all threads) at the end of each epoch."""
+
+    def __init__(self, started: float) -> None:
+        super().__init__()
+        self.started = started
+        self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(round(time.perf_counter() - self.started, 3))
+        self.cpu_seconds.append(round(time.process_time(), 3))

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/speed.py            # the course's sizes: 160 px, batch 32, 300 images
     .venv/bin/python benchmarks/speed.py --quick    # tiny sizes: checks the script, numbers mean little
-    .venv/bin/python benchmarks/speed.py --only 3b,6  # some groups: 1 (with 1b, 2, 2b, 4), 3, 3b, 5, 6
+    .venv/bin/python benchmarks/speed.py --only 3b,6  # some groups: 1 (with 1b, 2, 2b, 4), 3, 3b, 5, 6, 7
+    .venv/bin/python benchmarks/speed.py --only 7 --out benchmarks/speed_by_size.csv  # cost against size
 
 Every suite measurement is a real ``ablate`` command in a subprocess (as a user runs it), on generated
 images, with MLflow and the caches in a temporary folder. Ratios compare runs made minutes apart on the
@@ -19,14 +20,19 @@ same machine, interleaved when ``--repeats`` > 1, so machine noise hits both sid
    ``base.predict`` of the same model (the ceiling)
 6. peak resident memory of one run, the frozen inputs' size per 1000 images, and the resident memory at
    the end of every phase-2 epoch (benchmarks/memory_per_epoch.py): does a run grow while it trains?
+7. cost against size: 300, 1,000, 3,000 and 10,000 generated JPEGs (96 px, 1 + 1 epochs), the suite
+   (diagnostics off and full, augment none and standard) beside the plain Keras script, seconds per epoch
+   and peak resident memory at each size; the same run with everything kept in memory vs on disk; and a
+   6-rate fine_tune_lr search (augment=none, 3 + 3 epochs) at the largest size without vs with reuse
 
 Each row is printed as soon as it is measured; at the end the table is printed again and written to
 ``--out`` (CSV). At the course's sizes all groups take one to two hours on 2 idle cores (group 1 about
-12 minutes, 3 and 3b about 45 and 30)."""
+12 minutes, 3 and 3b about 45 and 30); group 7, which makes its own folders, one to two hours."""
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -34,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +66,8 @@ class Sizes:
 
 COURSE = Sizes(160, 32, 150, 5, 5, (0, 60, 100, 120, 140, 154))  # the unfreeze_depth study's depths
 QUICK = Sizes(32, 8, 20, 1, 1, (100, 154))
-GROUPS = ("1", "3", "3b", "5", "6")  # --only: 1 also measures 1b, 2, 2b and 4; 5 is 5a-5c
+GROUPS = ("1", "3", "3b", "5", "6", "7")  # --only: 1 also measures 1b, 2, 2b and 4; 5 is 5a-5c; 7 is 7-7g
+COURSE_GROUPS = frozenset(GROUPS) - {"7"}  # at the course's sizes, on one folder
 LEARNING_RATES = ("1e-5", "3e-5", "1e-4", "3e-4", "1e-3", "3e-3")  # benchmark 3b's search
 MEMORY_EPOCHS = 12  # row 6's phase 2: long enough to see whether resident memory levels off
 
@@ -67,15 +75,17 @@ MEMORY_EPOCHS = 12  # row 6's phase 2: long enough to see whether resident memor
 class Bench:
     """Runs ``ablate`` and the plain script on one generated folder, each into its own MLflow experiment."""
 
-    def __init__(self, root: Path, sizes: Sizes):
+    def __init__(self, root: Path, sizes: Sizes, images: Path | None = None):
         from finetune_ablation.demo_data import write_image_folder
 
         self.root, self.sizes = root, sizes
-        self.images = root / "images"
-        write_image_folder(self.images, sizes.image_size, sizes.per_class, seed=0)
+        self.images = images or root / "images"
+        if images is None:
+            write_image_folder(self.images, sizes.image_size, sizes.per_class, seed=0)
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
         self.count = 0
         self.peak_rss_mb: dict[str, float] = {}
+        self.cpu_samples: dict[str, list[tuple[float, float]]] = {}
 
     def common(self) -> dict[str, str]:
         """Overrides every suite command shares (by key, so a command can replace one)."""
@@ -108,6 +118,7 @@ class Bench:
         args = [str(ABLATE), *(["-m"] if multirun else []), *(f"{k}={v}" for k, v in settings.items())]
         wall = _timed(args, self.root)[0]
         self.peak_rss_mb[experiment] = PEAK_RSS_MB[" ".join(args)]
+        self.cpu_samples[experiment] = CPU_SAMPLES[" ".join(args)]
         return wall, experiment
 
     def plain_keras(self, fine_tune_epochs: int | None = None, memory: bool = False) -> tuple[float, dict]:
@@ -116,7 +127,7 @@ class Bench:
         args += [f"--batch-size={s.batch_size}", "--epochs", str(s.initial_epochs)]
         args += [str(fine_tune_epochs or s.fine_tune_epochs), *(["--memory"] if memory else [])]
         wall, stdout = _timed(args, self.root)
-        return wall, json.loads(stdout.strip().splitlines()[-1])
+        return wall, {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss_mb": PEAK_RSS_MB[" ".join(args)]}
 
     def runs(self, experiment: str) -> list:
         client = mlflow.MlflowClient(self.uri)
@@ -131,14 +142,44 @@ class Bench:
 PEAK_RSS_MB: dict[str, float] = {}  # command's first word after the script -> peak RSS of its process
 
 
+CPU_SAMPLES: dict[str, list[tuple[float, float]]] = {}  # command -> (time.time(), CPU seconds so far)
+
+
+def _sample_cpu(pid: int, samples: list[tuple[float, float]], stop: threading.Event) -> None:
+    """Every quarter second: the wall clock and the CPU seconds (user + system, all threads) process ``pid``
+    has used so far (``/proc/<pid>/stat``). On a loaded machine CPU seconds measure the work; wall seconds
+    also measure the wait for a core."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    while not stop.wait(0.25):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return
+        samples.append((time.time(), (int(fields[11]) + int(fields[12])) / ticks))
+
+
+def cpu_at(samples: list[tuple[float, float]], when: float) -> float:
+    """The CPU seconds a sampled process had used at wall-clock time ``when`` (linear between samples)."""
+    times = [t for t, _ in samples]
+    i = min(max(bisect.bisect_left(times, when), 1), len(samples) - 1)
+    (t0, c0), (t1, c1) = samples[i - 1], samples[i]
+    return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c1
+
+
 def _timed(args: list[str], cwd: Path) -> tuple[float, str]:
     """Wall seconds and stdout of a command; exits with its stderr if it fails. Its process's peak
-    resident memory (``wait4``'s ``ru_maxrss``, KiB on Linux) is kept in ``PEAK_RSS_MB[" ".join(args)]``."""
+    resident memory (``wait4``'s ``ru_maxrss``, KiB on Linux) is kept in ``PEAK_RSS_MB[" ".join(args)]``,
+    its CPU seconds over time in ``CPU_SAMPLES[" ".join(args)]``."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(args, stdout=out, stderr=err, text=True, cwd=cwd, env=env)
+        samples, stop = CPU_SAMPLES.setdefault(" ".join(args), []), threading.Event()
+        sampler = threading.Thread(target=_sample_cpu, args=(process.pid, samples, stop), daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
+        stop.set()
+        sampler.join()
         process.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - started
         out.seek(0)
@@ -314,6 +355,251 @@ def resident_per_epoch(bench: Bench, *overrides: str) -> list[float]:
     return json.loads(_timed(args, bench.root)[1].strip().splitlines()[-1])["phase2_epoch_end_mib"]
 
 
+# Group 7: cost against size
+SIZE_COUNTS = (300, 1_000, 3_000, 10_000)
+SIZE_QUICK_COUNTS = (40, 80)
+SIZE_PX = 96  # generated JPEGs of 96 px, trained at 96 px
+SIZE_EPOCHS = 2  # each phase: a second epoch shows a steady epoch's cost apart from the first one's one-off work
+SIZE_SETUP = (
+    f"group 7: generated JPEGs, {SIZE_PX} px, batch 32, {SIZE_EPOCHS}+{SIZE_EPOCHS} epochs; the search {{0}}+{{0}}"
+)
+SUITE_VARIANTS = (("off", "standard"), ("full", "standard"), ("off", "none"), ("full", "none"))
+SEARCH_EPOCHS = 3  # each phase of the search's trials: reuse amortises the frozen part's one pass over these
+FLAT = 1.10  # "flat in N": peak memory at the largest size within this factor of the first size past the budgets
+
+
+def write_jpeg_folder(directory: Path, image_size: int, per_class: int, seed: int) -> None:
+    """``per_class`` generated JPEGs (quality 90) per class: the demo's drawing (demo_data.draw_target)."""
+    import numpy as np
+
+    from finetune_ablation.demo_data import CLASSES, draw_target
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw_target(rng, label, image_size).save(directory / name / f"{name}_{i:05d}.jpg", quality=90)
+
+
+def first_images(source: Path, target: Path, per_class: int) -> Path:
+    """A folder of the first ``per_class`` images of each class of ``source`` (hard links)."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        (target / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            os.link(image, target / folder.name / image.name)
+    return target
+
+
+@dataclass(frozen=True)
+class Measured:
+    per_epoch: float  # wall seconds of a steady epoch: the mean of each phase's epochs after its first
+    per_epoch_cpu: float  # the CPU seconds those epochs used (all threads)
+    phases: float  # wall seconds of both phases, compile to the end of fit: one-off work included
+    peak_mb: float  # the process's peak resident memory
+    storage: str = ""  # where the suite kept its pixels and frozen inputs
+
+    def text(self) -> str:
+        kept = f" [{self.storage}]" if self.storage else ""
+        return (
+            f"{self.per_epoch:.1f} s ({self.per_epoch_cpu:.1f} CPU s) per epoch, {self.phases:.0f} s both phases, "
+            f"{self.peak_mb:.0f} MB{kept}"
+        )
+
+
+def _where(run) -> str:
+    """'pixels memory, phase 1 memory, phase 2 disk': the run's storage.* tags, short."""
+    tags = run.data.tags
+    parts = [("pixels", "storage.decoded_pixels")]
+    parts += [(f"phase {p}", f"storage.frozen_inputs.phase{p}") for p in (1, 2)]
+    return ", ".join(f"{name} {tags[key].split(':')[0]}" for name, key in parts if key in tags)
+
+
+def steady_epoch(ends: list[float], first_epochs: int) -> float:
+    """Mean length of each phase's epochs after its first, from a clock read as each epoch ended: the first
+    epoch of a phase also pays its one-off work (tracing, the frozen inputs computed once), so it is left out."""
+    return statistics.mean(ends[i] - ends[i - 1] for i in range(1, len(ends)) if i != first_epochs)
+
+
+def measure_suite(bench: Bench, *overrides: str) -> Measured:
+    experiment = bench.ablate(*overrides, "cache.phase1=false", "tracking.log_model=false")[1]
+    run = bench.run(experiment)
+    history = mlflow.MlflowClient(bench.uri).get_metric_history(run.info.run_id, "loss")
+    ends = [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]  # logged as each epoch ends
+    cpu = [cpu_at(bench.cpu_samples[experiment], end) for end in ends]
+    first = bench.sizes.initial_epochs
+    return Measured(
+        steady_epoch(ends, first),
+        steady_epoch(cpu, first),
+        _seconds(run, "phase1") + _seconds(run, "phase2"),
+        bench.peak_rss_mb[experiment],
+        _where(run),
+    )
+
+
+def measure_plain(bench: Bench) -> Measured:
+    result = bench.plain_keras()[1]
+    first = bench.sizes.initial_epochs
+    return Measured(
+        steady_epoch(result["epoch_end_seconds"], first),
+        steady_epoch(result["epoch_end_cpu_seconds"], first),
+        result["phase1_seconds"] + result["phase2_seconds"],
+        result["peak_rss_mb"],
+    )
+
+
+def time_rows(rows, number: str, what: str, a: tuple[str, Measured], b: tuple[str, Measured], target: str, note=""):
+    """Two rows for one comparison of steady epochs: wall seconds (what a user waits) and CPU seconds (the
+    work: on a machine shared with other jobs, wall seconds also count the wait for a core)."""
+    for clock, seconds in (("wall", lambda m: m.per_epoch), ("CPU", lambda m: m.per_epoch_cpu)):
+        first, second = (a[0], seconds(a[1])), (b[0], seconds(b[1]))
+        emit(
+            rows, _row(number, f"{what} ({clock} s per epoch)", first, second, target, note if clock == "wall" else "")
+        )
+
+
+def cost_against_size(root: Path, quick: bool, rows: list[dict]) -> None:
+    """Group 7: at each size, the plain Keras script and the suite's four variants one after the other
+    (smallest size first), then the targets across sizes, then the search at the largest size."""
+    counts, image_size = (SIZE_QUICK_COUNTS, 32) if quick else (SIZE_COUNTS, SIZE_PX)
+    largest = max(counts)
+    write_jpeg_folder(root / "all", image_size, largest // 2, seed=0)
+    benches: dict[int, Bench] = {}
+    got: dict[tuple[int, str], Measured] = {}
+    for n in counts:
+        sizes = Sizes(image_size, 32 if not quick else 8, n // 2, SIZE_EPOCHS, SIZE_EPOCHS, ())
+        bench = benches[n] = Bench(root / f"n{n}", sizes, first_images(root / "all", root / f"n{n}" / "images", n // 2))
+        if n == counts[0]:  # a warm-up: file-system caches and the first imports before anything is timed
+            bench.ablate("diagnostics=off", "cache.phase1=false", "tracking.log_model=false")
+        got[n, "plain"] = measure_plain(bench)
+        for level, augment in SUITE_VARIANTS:
+            got[n, f"{level}/{augment}"] = measure_suite(bench, f"diagnostics={level}", f"augment={augment}")
+        listed = "; ".join(f"{name} {m.text()}" for (size, name), m in got.items() if size == n)
+        emit(rows, _printed("7", f"{n} images: seconds per epoch and peak memory", listed))
+
+    suite_names = [f"{level}/{augment}" for level, augment in SUITE_VARIANTS]
+    big = {name: got[largest, name] for name in ["plain", *suite_names]}
+    time_rows(
+        rows,
+        "7a",
+        f"{largest} images, diagnostics=off, augment=standard vs plain Keras script",
+        ("suite", big["off/standard"]),
+        ("plain", big["plain"]),
+        "<=1.0x",
+        f"augment=none: {big['off/none'].per_epoch:.1f} s; both phases in all (one-off work included): "
+        f"suite {big['off/standard'].phases:.0f} s, plain {big['plain'].phases:.0f} s",
+    )
+    for augment in ("standard", "none"):
+        time_rows(
+            rows,
+            "7b",
+            f"{largest} images, augment={augment}: diagnostics=full vs off",
+            ("full", big[f"full/{augment}"]),
+            ("off", big[f"off/{augment}"]),
+            "<=1.3x",
+            f"both phases in all: full {big[f'full/{augment}'].phases:.0f} s, off "
+            f"{big[f'off/{augment}'].phases:.0f} s (full computes the clean training images' frozen inputs "
+            "once per phase)",
+        )
+    heaviest = max(suite_names, key=lambda name: big[name].peak_mb)
+    emit(
+        rows,
+        _row(
+            "7c",
+            f"{largest} images: peak memory of the suite's heaviest variant vs the plain script (MB)",
+            (heaviest, big[heaviest].peak_mb),
+            ("plain", big["plain"].peak_mb),
+            "<=1.5x",
+            "all: " + ", ".join(f"{name} {big[name].peak_mb:.0f}" for name in suite_names),
+        ),
+    )
+    for name in suite_names:
+        # past the budgets: neither the pixels nor phase 2's frozen inputs in memory (phase 1's pooled
+        # features, 5 KiB per image, stay within their budget at every size here)
+        past = [n for n in counts if not {"pixels memory", "phase 2 memory"} & set(got[n, name].storage.split(", "))]
+        by_size = "by size: " + ", ".join(f"{n} {got[n, name].peak_mb:.0f}" for n in counts)
+        if len(past) < 2:
+            where = "; ".join(f"{n}: {got[n, name].storage}" for n in counts)
+            emit(
+                rows, _printed("7d", f"peak memory (MB), {name}: fewer than two sizes past the budgets", by_size, where)
+            )
+            continue
+        emit(
+            rows,
+            _row(
+                "7d",
+                f"peak memory flat past the budgets, {name}: {largest} vs {past[0]} images (MB)",
+                (str(largest), got[largest, name].peak_mb),
+                (str(past[0]), got[past[0], name].peak_mb),
+                f"<={FLAT:.2f}x",
+                by_size,
+            ),
+        )
+    second = sorted(counts)[-2]
+    for name in ["plain", *suite_names]:
+        for clock, seconds in (("wall", lambda m: m.per_epoch), ("CPU", lambda m: m.per_epoch_cpu)):
+            per_image = {n: 1000 * seconds(got[n, name]) / n for n in counts}
+            emit(
+                rows,
+                _row(
+                    "7e",
+                    f"time per epoch linear in N, {name}: {clock} ms per image at {largest} vs {second} images",
+                    (str(largest), per_image[largest]),
+                    (str(second), per_image[second]),
+                    "<=1.15x",
+                    "ms per image by size: " + ", ".join(f"{n} {per_image[n]:.2f}" for n in counts),
+                ),
+            )
+
+    # memory vs disk: the same run with budgets that hold everything in memory, at the largest size
+    bench = benches[largest]
+    in_memory = measure_suite(
+        bench,
+        "diagnostics=full",
+        "augment=standard",
+        "cache.pixels_memory_mib=100000",
+        "cache.frozen_inputs_memory_mib=100000",
+    )
+    time_rows(
+        rows,
+        "7f",
+        f"{largest} images, full/standard: kept on disk (the default budgets) vs all in memory",
+        ("disk", big["full/standard"]),
+        ("memory", in_memory),
+        "<=1.05x",
+        f"peak memory {big['full/standard'].peak_mb:.0f} MB on disk [{big['full/standard'].storage}], "
+        f"{in_memory.peak_mb:.0f} MB in memory [{in_memory.storage}]",
+    )
+
+    # the search: 6 learning rates at the largest size, augment=none, neither reuse vs both
+    epochs = 1 if quick else SEARCH_EPOCHS
+    search = [  # diagnostics=off: what measuring costs with and without reuse is rows 7b and 2
+        "augment=none",
+        "diagnostics=off",
+        "hydra/launcher=basic",
+        "tracking.log_model=false",
+        f"train.initial_epochs={epochs}",
+        f"train.fine_tune_epochs={epochs}",
+        "train.fine_tune_lr=" + ",".join(LEARNING_RATES),
+    ]
+    plain_wall, plain_search = bench.ablate(*search, "cache.phase1=false", "cache.features=false", multirun=True)
+    reused_wall, reused_search = bench.ablate(*search, "cache.phase1=true", "cache.features=true", multirun=True)
+    largest_difference, equal_final, jobs = relative_differences(bench, reused_search, plain_search, "val_loss")
+    where = sorted({_where(r) for r in bench.runs(reused_search)})
+    emit(
+        rows,
+        _row(
+            "7g",
+            f"{len(LEARNING_RATES)}-rate fine_tune_lr search, {largest} images, augment=none, {epochs}+{epochs} "
+            "epochs: phase-1 cache and frozen inputs vs neither (wall s)",
+            ("neither", plain_wall),
+            ("both", reused_wall),
+            ">=3x",
+            f"kept: {'; '.join(where)}; final val_loss bit-equal in {equal_final} of {jobs} jobs, largest "
+            f"val_loss difference at any epoch {largest_difference:.1e} relative",
+        ),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the speed")
@@ -327,9 +613,23 @@ def main() -> None:
     if not wanted <= set(GROUPS):
         parser.error(f"--only takes groups of {', '.join(GROUPS)}, not {', '.join(sorted(wanted - set(GROUPS)))}")
     sizes = QUICK if args.quick else COURSE
-    med = statistics.median
     rows: list[dict] = []
 
+    if "7" in wanted:
+        with tempfile.TemporaryDirectory() as tmp:
+            cost_against_size(Path(tmp), args.quick, rows)
+    if wanted & COURSE_GROUPS:
+        course_groups(sizes, wanted, args.repeats, rows)
+    s = sizes
+    epochs = f"{s.initial_epochs}+{s.fine_tune_epochs} epochs"
+    course = f"{s.image_size} px, batch {s.batch_size}, {2 * s.per_class} images, {epochs}"
+    by_size = SIZE_SETUP.format(1 if args.quick else SEARCH_EPOCHS)
+    finish(rows, args, "; ".join(([course] if wanted & COURSE_GROUPS else []) + ([by_size] if "7" in wanted else [])))
+
+
+def course_groups(sizes: Sizes, wanted: set[str], repeats: int, rows: list[dict]) -> None:
+    """Groups 1-6, at the course's sizes on one generated folder."""
+    med = statistics.median
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), sizes)
         # a full-sized warm-up: file-system caches and the MLflow store exist before anything is timed
@@ -340,7 +640,7 @@ def main() -> None:
         if wanted & {"5", "6"} and "1" not in wanted:  # rows 5 and 6 read the plain run of group 1
             wall, experiment = bench.ablate("diagnostics=off", "cache.phase1=false")
             off_rss, off_run = bench.peak_rss_mb[experiment], bench.run(experiment)
-        for _ in range(args.repeats if "1" in wanted else 0):
+        for _ in range(repeats if "1" in wanted else 0):
             wall, phases = bench.plain_keras()
             plain.append(wall)
             plain_phases.append(phases["phase1_seconds"] + phases["phase2_seconds"])
@@ -507,13 +807,12 @@ def main() -> None:
                 ),
             )
 
+
+def finish(rows: list[dict], args: argparse.Namespace, setup: str) -> None:
+    """Print the table again and write it to ``--out``."""
     rows.sort(key=lambda row: (int(row["benchmark"][0]), row["benchmark"]))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    s = sizes
-    setup = (
-        f"{s.image_size} px, batch {s.batch_size}, {2 * s.per_class} images, "
-        f"{s.initial_epochs}+{s.fine_tune_epochs} epochs, repeats {args.repeats}"
-    )
+    setup = f"{setup}, repeats {args.repeats}"
     table = pd.DataFrame(rows).assign(setup=setup, machine=machine)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)

@@ -173,19 +173,22 @@ def test_augmented_frozen_inputs_train_as_the_whole_model_does(image_dir, tracki
     _same_within_float_tolerance(tracking_uri, cached, uncached)
 
 
-def test_the_plan_computes_once_exactly_what_is_frozen_and_deterministic(monkeypatch):
+def test_the_plan_computes_once_exactly_what_is_frozen_and_deterministic():
     """Which frozen inputs a phase may compute once, checked against the layers themselves: the whole
     base's pooled features only when nothing in it trains or draws random numbers (EfficientNet's
     stochastic depth does, even frozen), else the layers below the first one that does; nothing with
-    nothing frozen at the bottom, or past the memory budget (which, with augmentation, holds one epoch's
-    inputs more: they are computed every epoch)."""
+    nothing frozen at the bottom. Past the memory budget (which, with augmentation and measuring, holds one
+    epoch's inputs more: they are computed every epoch) they go to a scratch file on disk."""
+    from dataclasses import replace
+
     import keras
 
-    from finetune_ablation.config import AugmentConfig, ModelConfig
+    from finetune_ablation.config import AugmentConfig, CacheConfig, ModelConfig
     from finetune_ablation.gap.layers import has_random_layers
     from finetune_ablation.gap.passes import MeasuringPasses
     from finetune_ablation.run import feature_cache
     from finetune_ablation.run.augment import build_augmentation
+    from finetune_ablation.run.kept_rows import Storage
     from finetune_ablation.run.model import build_classifier, freeze_base, load_base, unfreeze_top
 
     def classifier(name: str, architecture: str, augment: AugmentConfig):
@@ -207,9 +210,9 @@ def test_the_plan_computes_once_exactly_what_is_frozen_and_deterministic(monkeyp
     bottom = feature_cache.plan(mobilenet, 32, 8)
     assert (bottom.stage, bottom.cut) == ("bottom", first_varying(mobilenet.base))
     assert bottom.cut >= 100 and mobilenet.base.layers[bottom.cut].trainable_weights
-    monkeypatch.setattr(feature_cache, "BUDGET_BYTES", 1000)
-    assert "MiB, over" in feature_cache.plan(mobilenet, 32, 8).reason
-    monkeypatch.undo()
+    over = feature_cache.plan(mobilenet, 32, 8, Storage.from_config(CacheConfig(frozen_inputs_memory_mib=0)))
+    assert (over.stage, over.placement.where) == ("bottom", "disk"), over
+    assert bottom.placement.where == "memory"
     unfreeze_top(mobilenet.base, 0, freeze_bn=False)
     assert feature_cache.plan(mobilenet, 32, 8).reason.startswith("no layer with weights")
 
@@ -228,7 +231,8 @@ def test_the_plan_computes_once_exactly_what_is_frozen_and_deterministic(monkeyp
     every_epoch = feature_cache.plan(augmented, 32, 8)
     assert (every_epoch.stage, every_epoch.cut, every_epoch.every_epoch) == ("bottom", bottom.cut, True)
     per_image = MeasuringPasses.of(augmented.model).frozen_bottom(bottom.cut).bytes_per_image
-    monkeypatch.setattr(feature_cache, "BUDGET_BYTES", per_image * (32 + 8))  # both splits once, no more
-    assert feature_cache.plan(augmented, 32, 8).stage is None
+    both_splits = replace(Storage.from_config(), frozen_inputs_memory_bytes=per_image * (32 + 8))
+    assert feature_cache.plan(augmented, 32, 8, both_splits).placement.where == "disk"
+    assert feature_cache.plan(augmented, 32, 8, both_splits, measuring=False).placement.where == "memory"
     unfreeze_top(mobilenet.base, 100, freeze_bn=False)
-    assert feature_cache.plan(mobilenet, 32, 8).stage == "bottom"  # without augmentation it still fits
+    assert feature_cache.plan(mobilenet, 32, 8, both_splits).placement.where == "memory"  # no augmentation: fits

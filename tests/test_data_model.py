@@ -256,37 +256,60 @@ def test_fine_tune_at_accepts_index_name_and_beyond_the_end():
     )
 
 
-@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["decoded-once-in-memory", "past-the-budget-from-files"])
-def test_pipeline_pixels_equal_an_independent_decoder(image_dir, monkeypatch, budget):
-    """Whether the scan's decode is kept (a small folder) or the files are read again (past the
-    budget), the training split holds each file's pixels as PIL decodes them (Keras's ``load_img``; the
-    generated PNGs are already 32 px, so no resize is involved), in the split's order."""
-    from finetune_ablation.run import data as data_module
+# Where the decoded pixels are kept (cache keys): in memory, in a scratch file (over a budget of 0), or
+# decoded from the files at every read (the scratch disk would keep less than 10^8 MiB free)
+PLACEMENTS = {
+    "memory": {},
+    "disk": {"pixels_memory_mib": 0},
+    "recomputed": {"pixels_memory_mib": 0, "scratch_keep_free_mib": 10**8},
+}
 
-    monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", budget)
-    data = load_datasets(_data_cfg(image_dir))
-    ours = np.stack([x.numpy() for x, _ in data.train_images])
+
+def _storage(where: str):
+    from finetune_ablation.config import CacheConfig
+    from finetune_ablation.run.kept_rows import Storage
+
+    return Storage.from_config(CacheConfig(**PLACEMENTS[where]))
+
+
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_pipeline_pixels_equal_an_independent_decoder(image_dir, where):
+    """Wherever the scan's decode is kept (memory, a scratch file) or the files are read again (neither
+    fits), the training split holds each file's pixels as PIL decodes them (Keras's ``load_img``; the
+    generated PNGs are already 32 px, so no resize is involved), in the split's order."""
+    data = load_datasets(_data_cfg(image_dir), _storage(where))
+    assert data.pixels.where == where, data.pixels
+    ours = np.concatenate([x.numpy() for x, _ in data.train_in_order])
     theirs = np.stack([keras.utils.img_to_array(keras.utils.load_img(f.path)) for f in data.train_files])
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_past_the_budget_nothing_is_held_every_epoch_reads_the_files(own_image_dir, monkeypatch):
-    """A large folder streams: each pass over the split reads the files again (memory bounded by the
-    pipeline's buffers), while a small one is decoded once and held. Shown by changing a file's pixels
-    between two passes."""
-    from finetune_ablation.run import data as data_module
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_kept_pixels_are_read_once_recomputed_ones_every_epoch(own_image_dir, where):
+    """Kept pixels (memory or a scratch file) come from the scan's one decode; recomputed ones are decoded
+    from the files at every pass (memory bounded by the pipeline's buffers). Shown by changing a file's
+    pixels between two passes."""
+    data = load_datasets(_data_cfg(own_image_dir), _storage(where))
+    before = next(iter(data.train_in_order))[0][0].numpy()
+    path = data.train_files[0].path
+    keras.utils.save_img(path, 255 - before, scale=False)  # PNG: lossless
+    after = next(iter(data.train_in_order))[0][0].numpy()
+    keras.utils.save_img(path, before, scale=False)
+    np.testing.assert_array_equal(after, 255 - before if where == "recomputed" else before)
 
-    def first_pixels_twice(budget: int) -> tuple[np.ndarray, np.ndarray]:
-        monkeypatch.setattr(data_module, "IN_MEMORY_BYTES", budget)
-        data = load_datasets(_data_cfg(own_image_dir))
-        before = next(iter(data.train_images))[0].numpy()
-        path = data.train_files[0].path
-        keras.utils.save_img(path, 255 - before, scale=False)  # PNG: lossless
-        after = next(iter(data.train_images))[0].numpy()
-        keras.utils.save_img(path, before, scale=False)
-        return before, after
 
-    before, after = first_pixels_twice(0)
-    np.testing.assert_array_equal(after, 255 - before)
-    before, after = first_pixels_twice(1 << 30)
-    np.testing.assert_array_equal(after, before)
+def test_shuffled_positions_give_the_rows_own_shuffle(image_dir):
+    """The training batches gather rows at shuffled positions; they are the batches TensorFlow's own
+    ``shuffle`` of the rows themselves (a buffer holding the whole split: what the pipeline did before
+    it kept rows on disk) makes, pass after pass, for each phase's seed."""
+    import tensorflow as tf
+
+    data = load_datasets(_data_cfg(image_dir), _storage("disk"))
+    rows = np.concatenate([x.numpy() for x, _ in data.train_in_order])
+    n = len(rows)
+    for phase in (1, 2):
+        ours = iter(data.training_batches(phase).repeat())
+        shuffle = tf.data.Dataset.from_tensor_slices(rows).shuffle(n, seed=data.seed + 1_000_003 * phase)
+        theirs = iter(shuffle.batch(data.batch_size).repeat())
+        for _ in range(3 * -(-n // data.batch_size)):  # three epochs
+            np.testing.assert_array_equal(next(ours)[0].numpy(), next(theirs).numpy())

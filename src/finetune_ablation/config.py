@@ -146,6 +146,13 @@ class CacheConfig:
     # or every epoch in the pipeline (run/feature_cache.py). Equal to the uncached run only to float
     # tolerance: in both keys, not a factor.
     features: bool = field(default=True, metadata=EQUIVALENT)
+    # Where a run keeps what it computes once (run/kept_rows.py, docs/caches.md "Large folders"): in memory
+    # up to these budgets, past them in a scratch file in scratch_dir, recomputed when the disk would keep
+    # less than scratch_keep_free_mib free. Memory and disk hold the same bits: in no key.
+    pixels_memory_mib: int = field(default=256, metadata=RECORDING)  # the decoded, resized images
+    frozen_inputs_memory_mib: int = field(default=256, metadata=RECORDING)  # a phase's frozen inputs
+    scratch_dir: str | None = field(default=None, metadata=RECORDING)  # null: the system's temp folder ($TMPDIR)
+    scratch_keep_free_mib: int = field(default=1024, metadata=RECORDING)
 
 
 @dataclass
@@ -268,6 +275,9 @@ def validate(cfg: Any) -> None:
         a.flip in _FLIPS,
         f"augment.flip={a.flip!r} is unknown: use one of horizontal, vertical, horizontal_and_vertical, null",
     )
+    for key in ("pixels_memory_mib", "frozen_inputs_memory_mib", "scratch_keep_free_mib"):
+        value = getattr(cfg.cache, key)
+        _require(value >= 0, f"cache.{key}={value} must be 0 or more (MiB)")
     for key in ("rotation", "zoom", "translation", "contrast"):
         value = getattr(a, key)
         _require(0 <= value <= 1, f"augment.{key}={value} must be in [0, 1]")

@@ -59,6 +59,15 @@ def feature_cache_tag(phase: int) -> str:
     return f"feature_cache.phase{phase}"
 
 
+# Where a run kept what it computes once (run/kept_rows.py): ``memory|disk|recomputed: <why>``
+DECODED_PIXELS_STORAGE_TAG = "storage.decoded_pixels"
+
+
+def frozen_inputs_storage_tag(phase: int) -> str:
+    """Where a phase kept its frozen inputs: ``memory|disk|recomputed: <why>`` (with ``feature_cache.phase<n>``)."""
+    return f"storage.frozen_inputs.phase{phase}"
+
+
 def timing_tag(phase: str) -> str:
     """Wall time of a phase (a tag, not a metric: timings differ between identical runs)."""
     return f"{TIMING_TAG_PREFIX}{phase}_seconds"

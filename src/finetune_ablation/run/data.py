@@ -4,9 +4,11 @@ Which files count is decided once, in ``image_files`` (no TensorFlow: resume fin
 it before a job knows whether it trains): the scan, the fingerprint and the split all read that list.
 The split is Keras's own assignment (``image_dataset_from_directory`` with ``subset="both"`` and the
 seed: by file, disjoint), computed on that list rather than by a second walk of the folder that would
-see files the scan skipped. Images are decoded with the same ops Keras uses, cached once, and the
-training split is reshuffled every epoch from its seed. A second, unshuffled view of the training split
-serves the measuring passes, so measuring never advances the training pipeline's shuffle state."""
+see files the scan skipped. Images are decoded with the same ops Keras uses, once, by the scan that checks
+them; their pixels are kept in memory or, past ``cache.pixels_memory_mib``, in a scratch file on local disk
+(``kept_rows``; neither fitting, the files are decoded again at every read). The training split is
+reshuffled every epoch from its seed, as positions whose rows each batch gathers; a second, unshuffled view
+of it serves the measuring passes, so measuring never advances the training pipeline's shuffle state."""
 
 from __future__ import annotations
 
@@ -20,40 +22,87 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from ..config import DataConfig
 from ..errors import UserError
 from .image_files import ImageFile, fingerprint, list_images, split_indices
+from .kept_rows import KeptRows, Placement, Storage, announce, place, why
+
+
+@dataclass
+class Split:
+    """One split in its fixed order: its files, their labels, and their pixels read by position (kept
+    rows, or the files decoded at every read: ``Pixels``)."""
+
+    files: list[ImageFile]
+    labels: np.ndarray  # (n, 1) float32 for two classes, (n,) int32 for more
+    pixels: Pixels
+    rows: np.ndarray  # each image's row in ``pixels`` (the scan's order)
+    batch_size: int
+
+    def batches(self, indices: tf.data.Dataset) -> tf.data.Dataset:
+        """(pixels, labels) per batch of positions in the split (``indices`` yields int64 vectors)."""
+        rows, labels = tf.constant(self.rows), tf.constant(self.labels)
+        return self.pixels.batches(indices.map(lambda i: (tf.gather(rows, i), tf.gather(labels, i))), self.batch_size)
+
+    def positions(self) -> tf.data.Dataset:
+        """Positions in the split in its fixed order, batched."""
+        return tf.data.Dataset.range(len(self.files)).batch(self.batch_size)
+
+    def in_order(self) -> tf.data.Dataset:
+        """The split in its fixed order, batched."""
+        return self.batches(self.positions())
 
 
 @dataclass
 class Datasets:
-    train_images: tf.data.Dataset  # training split, unbatched, fixed order (in memory, or streamed when large)
-    val: tf.data.Dataset  # fixed order, batched
-    train_in_order: tf.data.Dataset  # training split, fixed order, batched: for measuring passes
+    train: Split
+    validation: Split
     class_names: list[str]
-    train_files: list[ImageFile]
-    val_files: list[ImageFile]
     fingerprint: str
     cross_split_duplicates: int
     batch_size: int
     seed: int
+    pixels: Placement  # where the decoded pixels are kept (the ``storage.decoded_pixels`` tag)
+
+    @property
+    def train_files(self) -> list[ImageFile]:
+        return self.train.files
+
+    @property
+    def val_files(self) -> list[ImageFile]:
+        return self.validation.files
+
+    @property
+    def val(self) -> tf.data.Dataset:
+        """Validation in its fixed order, batched."""
+        return self.validation.in_order().prefetch(tf.data.AUTOTUNE)
+
+    @property
+    def train_in_order(self) -> tf.data.Dataset:
+        """The training split in its fixed order, batched: for measuring passes, so measuring never
+        advances the training pipeline's shuffle state."""
+        return self.train.in_order().prefetch(tf.data.AUTOTUNE)
+
+    def index_batches(self, phase: int) -> tf.data.Dataset:
+        """Positions in the training split, reshuffled every epoch and batched. Each phase starts its own
+        shuffle sequence from the seed, so phase 2 sees the same orders whether phase 1 was trained or
+        loaded from the cache. The order depends only on the seed, the phase and the count: anything
+        aligned with the training split (e.g. its frozen-base features) is read in these orders alike.
+        It is the permutation ``shuffle`` with a buffer of the whole split gives the rows themselves
+        (tested), without holding them in a shuffle buffer."""
+        n = len(self.train.files)
+        return (
+            tf.data.Dataset.range(n)
+            .shuffle(n, seed=self.seed + 1_000_003 * phase, reshuffle_each_iteration=True)
+            .batch(self.batch_size)
+        )
 
     def training_batches(self, phase: int) -> tf.data.Dataset:
-        """The training split reshuffled every epoch. Each phase starts its own shuffle sequence from the
-        seed, so phase 2 sees the same orders whether phase 1 was trained or loaded from the cache."""
-        return self.reshuffled(self.train_images, phase)
-
-    def reshuffled(self, elements: tf.data.Dataset, phase: int) -> tf.data.Dataset:
-        """``elements`` (one per training image, in the split's order) batched in the phase's shuffle
-        orders: the order depends only on the seed, the phase and the count, never on the content, so
-        anything aligned with the training split (e.g. its frozen-base features) is shuffled alike."""
-        return (
-            elements.shuffle(len(self.train_files), seed=self.seed + 1_000_003 * phase, reshuffle_each_iteration=True)
-            .batch(self.batch_size)
-            .prefetch(tf.data.AUTOTUNE)
-        )
+        """The training split reshuffled every epoch (``index_batches``), as (pixels, labels) batches."""
+        return self.train.batches(self.index_batches(phase)).prefetch(tf.data.AUTOTUNE)
 
     @property
     def num_classes(self) -> int:
@@ -119,27 +168,13 @@ def _check_decodes(path: Path) -> tf.Tensor:
     return image
 
 
-def scan_folder(
-    directory: str | None, decoded: Callable[[ImageFile, tf.Tensor], None] | None = None
-) -> tuple[list[str], list[ImageFile]]:
+def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
     """Class names and every image (``image_files.list_images``), each checked to decode with the op the
-    pipeline uses. ``decoded`` receives each file with its decoded pixels (to keep them: see
-    ``DecodedImages``)."""
+    pipeline uses (``load_datasets`` does the same check in ``Pixels.scan``, keeping the pixels)."""
     class_names, files = list_images(directory)
     for file in files:
-        pixels = _check_decodes(file.path)
-        if decoded is not None:
-            decoded(file, pixels)
+        _check_decodes(file.path)
     return class_names, files
-
-
-def split_files(
-    files: list[ImageFile], class_names: list[str], validation_split: float, seed: int
-) -> tuple[list[ImageFile], list[ImageFile]]:
-    """Keras's ``subset="both"`` split of the scanned files (``image_files.split_indices``). Equal to
-    ``image_dataset_from_directory``'s split on any folder it can read (tested against it)."""
-    train, val = split_indices([f.class_name for f in files], class_names, validation_split, seed)
-    return [files[i] for i in train], [files[i] for i in val]
 
 
 def _resized(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -154,74 +189,95 @@ def _load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return _resized(tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False), image_size)
 
 
-class DecodedImages:
-    """The resized pixels of every scanned image, kept from the scan's decode while they fit in
-    ``budget`` bytes (a small folder, such as the course's 327 images, is then decoded once). Past the
-    budget it keeps nothing, and the pipeline reads the files itself."""
+class Pixels:
+    """Every scanned image's resized pixels by row (the scan's order): kept from the scan's own decode
+    (in memory or in a scratch file: ``kept_rows``), or, when neither fits, decoded from the files again
+    at every read. The same decode and resize either way, so the same pixels, bit for bit."""
 
-    def __init__(self, image_size: int, budget: int):
+    def __init__(self, files: list[ImageFile], image_size: int, placement: Placement, kept: KeptRows | None):
+        self.paths = [str(f.path) for f in files]
         self.image_size = image_size
-        self.budget = budget
-        self.pixels: dict[Path, tf.Tensor] | None = {}
-        self._bytes = 0
+        self.placement = placement
+        self.kept = kept
 
-    def __call__(self, file: ImageFile, image: tf.Tensor) -> None:
-        if self.pixels is None:
-            return
-        self._bytes += self.image_size**2 * 3 * 4
-        if self._bytes > self.budget:
-            self.pixels = None  # too many to hold: stream from the files
-            return
-        self.pixels[file.path] = _resized(image, self.image_size)
+    @classmethod
+    def scan(cls, files: list[ImageFile], image_size: int, storage: Storage) -> Pixels:
+        """Check that every file decodes (with the op the pipeline uses) and keep its resized pixels where
+        ``kept_rows.place`` decides. A scratch file that cannot be reserved or written (a full disk) falls
+        back to decoding at every read, with a warning."""
+        nbytes = len(files) * image_size**2 * 3 * 4
+        placement = place(nbytes, storage.pixels_memory_bytes, PIXELS_BUDGET_KEY, storage)
+        kept = None
+        if placement.where != "recomputed":
+            try:
+                kept = KeptRows([(image_size, image_size, 3)], len(files), placement.where, storage.scratch_dir)
+            except OSError as exc:
+                placement = placement.fell_back(WHAT, f"their scratch file could not be reserved ({why(exc)})")
+        for row, file in enumerate(files):
+            image = _check_decodes(file.path)
+            if kept is None:
+                continue
+            try:
+                kept.write(row, [_resized(image, image_size).numpy()[None]])
+            except OSError as exc:
+                kept.close()
+                kept = None
+                placement = placement.fell_back(WHAT, f"writing their scratch file failed ({why(exc)})")
+        announce(WHAT, placement)
+        return cls(files, image_size, placement, kept)
+
+    def batches(self, rows_and_labels: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+        """(pixels, labels) for each batch of (rows, labels)."""
+        if self.kept is not None:
+            kept = self.kept
+            return rows_and_labels.map(lambda rows, y: (kept.gather(rows)[0], y))
+        # decoded at every read, image by image on tf.data's parallel threads, batched again as they came
+        # (the batch count stays known: Keras reads validation to its end without a warning then)
+        paths, size, batches = tf.constant(self.paths), self.image_size, int(rows_and_labels.cardinality())
+        images = rows_and_labels.unbatch().map(
+            lambda row, y: (_load_image(tf.gather(paths, row), size), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        images = images.batch(batch_size)
+        return images.apply(tf.data.experimental.assert_cardinality(batches)) if batches >= 0 else images
 
 
-IN_MEMORY_BYTES = 1 << 30  # resized float32 pixels kept from the scan: ~1,780 images at 224 px, ~3,500 at 160
+PIXELS_BUDGET_KEY = "cache.pixels_memory_mib"
+WHAT = "decoded pixels"
 
 
-def _images(files: list[ImageFile], class_names: list[str], cfg: DataConfig, decoded: DecodedImages) -> tf.data.Dataset:
-    binary = len(class_names) == 2
-    labels = [class_names.index(f.class_name) for f in files]
-    label_dtype = tf.float32 if binary else tf.int32
-    labels_t = tf.constant(labels, dtype=label_dtype)
-    if binary:
-        labels_t = tf.reshape(labels_t, (-1, 1))
-    if decoded.pixels is not None:  # decoded once, by the scan
-        return tf.data.Dataset.from_tensor_slices((tf.stack([decoded.pixels[f.path] for f in files]), labels_t))
-    # too large to hold: stream, reading and decoding the files every epoch, so memory stays bounded by
-    # the pipeline's buffers whatever the folder's size (docs/your-data.md, "Large folders")
-    paths = tf.data.Dataset.from_tensor_slices([str(f.path) for f in files])
-    images = paths.map(lambda p: _load_image(p, cfg.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-    return tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels_t)))
+def _labels(files: list[ImageFile], class_names: list[str]) -> np.ndarray:
+    """Class indices: float32 of shape (n, 1) for two classes (one logit), int32 (n,) for more."""
+    labels = np.array([class_names.index(f.class_name) for f in files])
+    return labels.astype(np.float32).reshape(-1, 1) if len(class_names) == 2 else labels.astype(np.int32)
 
 
-def load_datasets(cfg: DataConfig) -> Datasets:
-    """Check the folder, split it the Keras way, and build the pipelines: from the scan's decoded pixels
-    while they fit in ``IN_MEMORY_BYTES``, else streamed from the files."""
+def load_datasets(cfg: DataConfig, storage: Storage | None = None) -> Datasets:
+    """Check the folder, split it the Keras way, and build the pipelines over the pixels the scan kept
+    (``Pixels``; where they are kept: ``storage``, the ``cache`` keys, defaults if None)."""
     if cfg.synthetic:
         from ..demo_data import ensure_demo_dataset
 
         ensure_demo_dataset(cfg.dir, cfg.synthetic_images_per_class)
-    decoded = DecodedImages(cfg.image_size, IN_MEMORY_BYTES)
-    class_names, files = scan_folder(cfg.dir, decoded)
-    train_files, val_files = split_files(files, class_names, cfg.validation_split, cfg.seed)
+    class_names, files = list_images(cfg.dir)
+    pixels = Pixels.scan(files, cfg.image_size, storage or Storage.from_config())
+    train_rows, val_rows = split_indices([f.class_name for f in files], class_names, cfg.validation_split, cfg.seed)
 
-    train_cached = _images(train_files, class_names, cfg, decoded)
-    val_cached = _images(val_files, class_names, cfg, decoded)
-    decoded.pixels = None  # the datasets hold their own copies
-    val = val_cached.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
-    train_in_order = train_cached.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+    def split(rows: list[int]) -> Split:
+        chosen = [files[i] for i in rows]
+        return Split(chosen, _labels(chosen, class_names), pixels, np.array(rows, np.int64), cfg.batch_size)
 
-    train_hashes = {f.sha256 for f in train_files}
-    duplicates = sum(1 for f in val_files if f.sha256 in train_hashes)
+    train, validation = split(train_rows), split(val_rows)
+    train_hashes = {f.sha256 for f in train.files}
+    duplicates = sum(1 for f in validation.files if f.sha256 in train_hashes)
     return Datasets(
-        train_images=train_cached,
-        val=val,
-        train_in_order=train_in_order,
+        train=train,
+        validation=validation,
         class_names=class_names,
-        train_files=train_files,
-        val_files=val_files,
         fingerprint=fingerprint(files),
         cross_split_duplicates=duplicates,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        pixels=pixels.placement,
     )

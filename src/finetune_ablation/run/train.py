@@ -37,6 +37,7 @@ from .data import Datasets, load_datasets
 from .epoch_logger import EpochLogger
 from .feature_cache import FrozenInputs
 from .freed_memory import ReturnFreedMemory
+from .kept_rows import Storage
 from .model import (
     Classifier,
     bn_moving_stats,
@@ -97,6 +98,7 @@ def _record_data(data: Datasets, cfg: DictConfig, recorder: Recorder) -> None:
         {
             rec.DATA_FINGERPRINT_TAG: data.fingerprint,
             rec.CROSS_SPLIT_DUPLICATES_TAG: str(data.cross_split_duplicates),
+            rec.DECODED_PIXELS_STORAGE_TAG: str(data.pixels),
         }
     )
     if data.cross_split_duplicates:
@@ -112,6 +114,7 @@ class PhaseRecord:
     phase: int
     metrics: dict[str, float]
     report: str
+    storable: bool = True  # may go into the phase-1 cache (False: computed on a fallback path)
 
     def log(self, recorder: Recorder) -> None:
         recorder.phase(self.phase, self.metrics, self.report)
@@ -169,19 +172,20 @@ def _run_phase(
     callbacks: list[keras.callbacks.Callback] = []
     steps = math.ceil(len(data.train_files) / data.batch_size)
     if measuring:
-        epoch_batches = inputs.epoch_batches if inputs else None
+        dataset, stage, epoch_batches = inputs.measured_on() if inputs else (data.train_in_order, None, None)
         if epoch_batches is not None:
             callbacks.append(epoch_batches)  # empties itself as each epoch begins
         # the notebook's callback; on frozen inputs fit trains the top on them, and the whole model is measured
         callbacks.append(
             GapCallback(
-                source.train_in_order,
+                dataset,
                 validation_size=len(data.val_files),
                 seed=cfg.seed,
                 when="every_epoch" if cfg.diagnostics.level == DiagnosticsLevel.full else "last_epoch",
                 model=clf.model,
-                precomputed=Precomputed(inputs.stage, epoch_batches) if inputs else None,
-                order=_training_order(data, inputs, phase, steps),
+                precomputed=Precomputed(stage, epoch_batches) if stage is not None else None,
+                # recomputed augmented frozen inputs keep no batches to replay: the meter draws its own
+                order=None if inputs and stage is None else _training_order(data, inputs, phase, steps),
                 attribution=str(cfg.diagnostics.attribution.value),  # docs/gap-measurement.md
                 verbose=False,  # the run's own record says what is measured (docs/gap-measurement.md)
             )
@@ -194,7 +198,9 @@ def _run_phase(
         model, source.training_batches(phase), steps, source.val, first_epoch, epochs, callbacks, cfg.train.verbose
     )
     summary["bn_moving_stats_delta"] = max_abs_change(before, bn_moving_stats(clf.base))
-    record = PhaseRecord(phase, summary, report)
+    # a phase on frozen inputs that fell back to recomputing may not be bit-identical to one that kept them
+    storable = not inputs or inputs.placement.where != "recomputed"
+    record = PhaseRecord(phase, summary, report, storable)
     record.log(recorder)
     return record
 
@@ -205,7 +211,8 @@ def _training_order(data: Datasets, inputs: FrozenInputs | None, phase: int, ste
     (docs/gap-measurement.md)."""
     if inputs is None:
         return TrainingOrder(lambda: data.training_batches(phase), steps)
-    return TrainingOrder(lambda: data.reshuffled(inputs.train_images, phase), steps)
+    assert inputs.clean_order is not None, "measuring keeps or recomputes the clean training inputs"
+    return TrainingOrder(inputs.clean_order, steps)
 
 
 def _frozen_inputs(
@@ -218,12 +225,15 @@ def _frozen_inputs(
     if not cfg.cache.features:
         recorder.tags({tag: "off"})
         return None
-    the_plan = feature_cache.plan(clf, len(data.train_files), len(data.val_files))
+    storage = Storage.from_config(cfg.cache)
+    the_plan = feature_cache.plan(clf, len(data.train_files), len(data.val_files), storage, measuring)
     if the_plan.stage is None:
         recorder.tags({tag: f"not used: {the_plan.reason}"})
         return None
     recorder.tags({tag: f"on: {the_plan.reason}"})
-    return feature_cache.compute(clf, data, the_plan, phase, measuring)
+    inputs = feature_cache.compute(clf, data, the_plan, phase, measuring, storage)
+    recorder.tags({rec.frozen_inputs_storage_tag(phase): str(inputs.placement)})
+    return inputs
 
 
 def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], recorder: Recorder) -> None:
@@ -248,7 +258,8 @@ def _phase1(clf: Classifier, data: Datasets, cfg: DictConfig, rows: list[dict], 
         state = cache.load(key)
         if state is None:
             record = train()
-            cache.save(key, Phase1State.capture(clf.model, rows, record.metrics, record.report))
+            if record.storable:
+                cache.save(key, Phase1State.capture(clf.model, rows, record.metrics, record.report))
             recorder.tags({rec.PHASE1_CACHE_TAG: "miss"})
             return
     freeze_base(clf.base)
@@ -299,7 +310,7 @@ def train_and_log(
     recorder = recorder or MlflowRecorder()
     _record_keras_behaviour(recorder)  # before seeding: the probe's tiny models leave no trace in the run
     seed_everything(cfg.seed)
-    data = load_datasets(cfg.data)
+    data = load_datasets(cfg.data, Storage.from_config(cfg.cache))
     _record_data(data, cfg.data, recorder)
 
     base = load_base(cfg.model, cfg.data.image_size)
