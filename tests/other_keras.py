@@ -76,6 +76,18 @@ KERAS_ENVS = (
 )
 
 
+# Per env, what Keras does with a base called as `base(x, training=False)` inside the outer model: (an unfrozen
+# BatchNorm in it keeps its moving mean during fit, a Dropout placed after the base is active during fit).
+# Measured by tests/keras_behaviour.py, which imports nothing from the suite (docs/stack-facts.md V1, V2).
+BEHAVIOUR = {
+    "current": (False, True),  # Keras 3.15: fit's training=True reaches the BatchNorm; head dropout on
+    "oldest": (False, True),  # Keras 3.5: the same
+    "next": (True, False),  # keras-nightly 3.16.0.dev: the call's training=False wins, and reaches the head too
+    "keras2": (True, True),  # tf-keras 2.21: the call's flag wins inside the base only
+}
+KERAS_FAMILY = {"current": "3.", "oldest": "3.", "next": "3.16.0.dev", "keras2": "2."}
+
+
 def by_name(name: str) -> KerasEnv:
     return next(env for env in KERAS_ENVS if env.name == name)
 

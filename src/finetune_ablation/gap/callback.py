@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import keras
 
 from .. import record as rec
+from .checks import not_keras3
 from .data import as_split, split_labels
 from .decomposition import chance_warning, decompose, majority_rate
 from .keras_probe import probe
@@ -109,6 +110,13 @@ class GapCallback(keras.callbacks.Callback):
         if line and self.verbose and line not in self._said:
             self._said.add(line)
             print(f"GapCallback: {line}")
+
+    def set_model(self, model) -> None:
+        """A Keras 2 (tf-keras) ``fit`` hands over its model here, before anything else: refuse it in one line."""
+        other = not_keras3(model)
+        if other is not None:
+            raise TypeError(str(other))
+        super().set_model(model)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         """A new ``fit``: the trainable set is final now, so the meter is built for it; the compiled metric

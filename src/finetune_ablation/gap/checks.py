@@ -268,6 +268,20 @@ def _split(train_data, validation_data) -> list[Finding]:
     return out
 
 
+def not_keras3(model) -> Finding | None:
+    """A model of another Keras (tf-keras 2's, under ``TF_USE_LEGACY_KERAS=1``): check and GapCallback read
+    Keras 3 models only, the probe measures either (docs/notebook.md, "Which Keras")."""
+    if isinstance(model, keras.Model):
+        return None
+    return Finding(
+        "problem",
+        f"{getattr(model, 'name', model)} is a {type(model).__module__.split('.')[0]} model, not a Keras "
+        f"{keras.__version__} one: check and GapCallback read Keras 3 models only",
+        "build the model with Keras 3 (import keras, TF_USE_LEGACY_KERAS unset); for Keras 2's answer to the "
+        "BatchNorm question run probe(tf.keras)",
+    )
+
+
 def check(
     model: keras.Model,
     train_data=None,
@@ -286,6 +300,11 @@ def check(
         base: the base model you froze or unfroze, to check the model holds that very object.
         verbose: print the findings.
     """
+    other = not_keras3(model)
+    if other is not None:
+        if verbose:
+            print(other)
+        return [other]
     behaviour = probe()
     findings = [
         *_same_base(model, base),
