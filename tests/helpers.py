@@ -23,6 +23,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from finetune_ablation import record as rec
 from finetune_ablation.config import register_configs
 from finetune_ablation.paths import CONF_DIR
 from finetune_ablation.store import ensure_created
@@ -180,3 +181,20 @@ def require_module(module: str, install: str) -> None:
     """Skip the test, saying how to install it, unless ``module`` is importable."""
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed: {install} (.ci/run does)")
+
+
+def succeeded(result: subprocess.CompletedProcess) -> str:
+    """A console command's output, after asserting it exited 0 (its last lines are the failure message)."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def sweep_parent_and_children(uri: str, experiment: str = "finetune-ablation", latest: bool = False):
+    """A sweep's parent run and its children; ``latest``: the last of several sweeps, else the only one."""
+    every = runs(uri, experiment)
+    parents = [r for r in every if r.data.tags.get(rec.ROLE_TAG) == rec.PARENT_ROLE]
+    if not latest:
+        assert len(parents) == 1, [p.info.run_id for p in parents]
+    parent = parents[-1]
+    return parent, [r for r in every if r.data.tags.get(rec.MLFLOW_PARENT_RUN_TAG) == parent.info.run_id]

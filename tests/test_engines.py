@@ -18,7 +18,17 @@ from finetune_ablation import record as rec
 from finetune_ablation import tracking
 
 from . import servers
-from .helpers import FAST, THREAD_SENSITIVE, history, new_store, require_module, run_ablate, runs
+from .helpers import (
+    FAST,
+    THREAD_SENSITIVE,
+    history,
+    new_store,
+    require_module,
+    run_ablate,
+    runs,
+    succeeded,
+    sweep_parent_and_children,
+)
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
 
@@ -47,27 +57,14 @@ def ray_address() -> str:
         pytest.skip(str(exc))
 
 
-def _ok(result: subprocess.CompletedProcess) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
-
-
 def _console(script: str, *args: str) -> subprocess.CompletedProcess:
     """One of the suite's console scripts, in a subprocess."""
     exe = Path(sys.executable).with_name(script)
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1200)
 
 
-def _parent_and_children(uri: str, experiment: str = "finetune-ablation"):
-    every = runs(uri, experiment)
-    (parent,) = (r for r in every if r.data.tags.get("sweep.role") == "parent")
-    children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return parent, children
-
-
 def _sweep(tmp_path: Path, image_dir: Path, uri: str, *extra: str) -> str:
-    return _ok(
+    return succeeded(
         run_ablate(
             "-m",
             *QUICK,
@@ -87,7 +84,7 @@ def test_a_joblib_sweep_logs_through_an_mlflow_server(tmp_path, image_dir, mlflo
     and the reproduction work against the server."""
     joblib = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     _sweep(tmp_path, image_dir, mlflow_http, f"{THREAD_SENSITIVE},150", *joblib)
-    parent, children = _parent_and_children(mlflow_http)
+    parent, children = sweep_parent_and_children(mlflow_http)
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep.jobs"] == "2"
     assert sorted(c.data.params["model.fine_tune_at"] for c in children) == ["0", "150"]
     assert all(c.info.status == "FINISHED" for c in children)
@@ -102,7 +99,7 @@ def test_a_joblib_sweep_logs_through_an_mlflow_server(tmp_path, image_dir, mlflo
     assert sorted(pd.read_csv(summary)["val_accuracy"]) == sorted(c.data.metrics["val_accuracy"] for c in children)
 
     report = tmp_path / "report"
-    _ok(
+    succeeded(
         _console(
             "ablate-report", "--parent-run", parent.info.run_id, "--tracking-uri", mlflow_http, "--out", str(report)
         )
@@ -112,7 +109,7 @@ def test_a_joblib_sweep_logs_through_an_mlflow_server(tmp_path, image_dir, mlflo
 
     # a job of a parallel sweep reproduces bit for bit in one process, which alone would use every core
     child = next(c for c in children if c.data.params["model.fine_tune_at"] == "0")
-    assert "match" in _ok(_console("ablate-reproduce", child.info.run_id, "--tracking-uri", mlflow_http))
+    assert "match" in succeeded(_console("ablate-reproduce", child.info.run_id, "--tracking-uri", mlflow_http))
     (again,) = (r for r in runs(mlflow_http) if r.data.tags.get("reproduced_from") == child.info.run_id)
     assert history(mlflow_http, again.info.run_id, "val_accuracy") == history(
         mlflow_http, child.info.run_id, "val_accuracy"
@@ -123,7 +120,7 @@ def test_a_joblib_sweep_logs_through_an_mlflow_server(tmp_path, image_dir, mlflo
     # logged count (a reproduction with this process's own count would not match)
     more = int(child.data.params["threads"]) + 1
     control = [*QUICK, f"data.dir={image_dir}", THREAD_SENSITIVE, f"threads={more}", "tracking.experiment=control"]
-    _ok(run_ablate(*control, f"tracking.uri={mlflow_http}", cwd=tmp_path, timeout=1500))
+    succeeded(run_ablate(*control, f"tracking.uri={mlflow_http}", cwd=tmp_path, timeout=1500))
     (other,) = runs(mlflow_http, "control")
     assert other.data.tags[rec.WEIGHTS_DIGEST_TAG] != child.data.tags[rec.WEIGHTS_DIGEST_TAG]
 
@@ -191,7 +188,7 @@ def test_a_ray_sweep_groups_under_one_parent_and_shares_phase1(tmp_path, image_d
         "+hydra.launcher.ray.init.object_store_memory=null",  # the launcher's CI default breaks connecting
     )
     assert "Ray Launcher is launching 2 jobs" in output
-    parent, children = _parent_and_children(uri)
+    parent, children = sweep_parent_and_children(uri)
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.info.status == "FINISHED" for c in children)
     assert all("ray" in c.data.tags["mlflow.source.name"] for c in children)  # a Ray worker ran each job
@@ -205,6 +202,6 @@ def test_a_ray_sweep_groups_under_one_parent_and_shares_phase1(tmp_path, image_d
     # the whole-base job reproduces bit for bit in one plain process (phase 1 trained again, 1 thread where
     # this process alone would use every core; the joblib test shows that the count changes its bits)
     deep = next(c for c in children if c.data.params["model.fine_tune_at"] == "0")
-    assert "match" in _ok(_console("ablate-reproduce", deep.info.run_id, "--tracking-uri", uri))
+    assert "match" in succeeded(_console("ablate-reproduce", deep.info.run_id, "--tracking-uri", uri))
     (again,) = (r for r in runs(uri) if r.data.tags.get(rec.REPRODUCED_TAG) == deep.info.run_id)
     assert again.data.tags[rec.WEIGHTS_DIGEST_TAG] == deep.data.tags[rec.WEIGHTS_DIGEST_TAG]

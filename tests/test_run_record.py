@@ -71,11 +71,14 @@ def test_phase1_key_follows_phase1_settings_only():
 
 
 def test_config_hash_leaves_out_exactly_the_recording_and_display_keys():
-    """By hand: the keys the config hash has always left out, so existing resume keys stay valid."""
+    """By hand: the keys the config hash has always left out, and the memory budgets and scratch keys added
+    since (memory or disk hold the same bits), so existing resume keys stay valid."""
     cfg = _cfg(Config, **{"model.fine_tune_at": 7, "threads": 2})
     kept = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for group, key in [(None, "tracking"), (None, "optuna"), (None, "resume"), (None, "threads"),
-                       ("cache", "dir"), ("cache", "phase1"), ("train", "verbose")]:  # fmt: skip
+                       ("cache", "dir"), ("cache", "phase1"), ("train", "verbose"),
+                       ("cache", "pixels_memory_mib"), ("cache", "frozen_inputs_memory_mib"),
+                       ("cache", "scratch_dir"), ("cache", "scratch_keep_free_mib")]:  # fmt: skip
         (kept[group] if group else kept).pop(key)
     expected = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert config_hash(cfg) == expected

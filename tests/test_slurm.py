@@ -26,7 +26,16 @@ from finetune_ablation import liveness, reaper, tracking
 from finetune_ablation import record as rec
 
 from . import servers
-from .helpers import FAST, THREAD_SENSITIVE, history, new_store, run_ablate, runs
+from .helpers import (
+    FAST,
+    THREAD_SENSITIVE,
+    history,
+    new_store,
+    run_ablate,
+    runs,
+    succeeded,
+    sweep_parent_and_children,
+)
 
 QUICK = [*FAST, "train.initial_epochs=1", "train.fine_tune_epochs=1", "diagnostics=off"]
 WAIT_S = 600  # generous: a shared 2-core machine can be many times slower than CI
@@ -56,19 +65,6 @@ def _on_slurm(cluster: servers.Slurm, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def _ok(result: subprocess.CompletedProcess) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
-
-
-def _parent_and_children(uri: str, experiment: str = "finetune-ablation"):
-    every = runs(uri, experiment)
-    parents = [r for r in every if r.data.tags.get(rec.ROLE_TAG) == rec.PARENT_ROLE]
-    parent = parents[-1]  # the latest sweep
-    return parent, [r for r in every if r.data.tags.get(rec.MLFLOW_PARENT_RUN_TAG) == parent.info.run_id]
-
-
 def _ended_as(cluster: servers.Slurm, jobs: list[str] | set[str], state: str) -> bool:
     """Whether SLURM itself (squeue) says every one of ``jobs`` ended in ``state``. A job's result reaches
     the launcher a moment before its SLURM job ends, so this waits for the end first."""
@@ -92,11 +88,11 @@ def test_a_study_on_slurm_groups_its_jobs_shares_phase1_and_reproduces(tmp_path,
         *("cache.phase1=true", f"cache.dir={tmp_path / 'cache'}"),
     )
     started = time.monotonic()
-    output = _ok(run_ablate(*args, cwd=tmp_path, timeout=WAIT_S, **slurm.env))
+    output = succeeded(run_ablate(*args, cwd=tmp_path, timeout=WAIT_S, **slurm.env))
     print(f"study of 2 SLURM jobs: {time.monotonic() - started:.1f} s")
     assert "Submitit 'slurm' sweep output dir" in output
 
-    parent, children = _parent_and_children(uri)
+    parent, children = sweep_parent_and_children(uri, latest=True)
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep.jobs"] == "2"
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     # each job ran in its own SLURM job, which SLURM itself (squeue) says COMPLETED
@@ -170,7 +166,7 @@ def test_a_job_cancelled_with_scancel_is_reaped_and_the_relaunch_trains_only_it(
     said = log.read_text()
     assert proc.returncode == 1 and "Traceback" not in said, said[-4000:]
     assert f"error: SLURM job {job} (task: 0) ended CANCELLED without a result" in said
-    first_parent, _ = _parent_and_children(uri)
+    first_parent, _ = sweep_parent_and_children(uri, latest=True)
     assert (first_parent.info.status, first_parent.data.tags["sweep.failed"]) == ("FAILED", "1")
     assert _ended_as(slurm, [job], "CANCELLED")
     # MLflow never learns of it: the run stays RUNNING while its process is gone
@@ -178,7 +174,7 @@ def test_a_job_cancelled_with_scancel_is_reaped_and_the_relaunch_trains_only_it(
     assert {r.data.params.get("seed"): r.info.status for r in runs(uri) if "seed" in r.data.params}["1"] == "FINISHED"
 
     started = time.monotonic()
-    output = _ok(run_ablate(*args, cwd=tmp_path, timeout=WAIT_S, **slurm.env))  # the same command again
+    output = succeeded(run_ablate(*args, cwd=tmp_path, timeout=WAIT_S, **slurm.env))  # the same command again
     print(f"relaunch: {time.monotonic() - started:.1f} s")
     reaped = next(r for r in runs(uri) if r.info.run_id == victim.info.run_id)
     assert reaped.info.status == "KILLED"
@@ -186,7 +182,7 @@ def test_a_job_cancelled_with_scancel_is_reaped_and_the_relaunch_trains_only_it(
         f"{victim.data.tags[rec.HOST_TAG]} is gone"
     )
     assert "was RUNNING but process" in output  # the relaunch says what it marked KILLED
-    parent, children = _parent_and_children(uri)
+    parent, children = sweep_parent_and_children(uri, latest=True)
     assert (parent.info.status, parent.data.tags["sweep.jobs"], parent.data.tags["sweep.reused"]) == (
         "FINISHED",
         "2",
@@ -219,7 +215,7 @@ def test_an_optuna_search_runs_its_trials_as_slurm_jobs_with_an_exact_total(tmp_
         *("cache.phase1=true", f"cache.dir={tmp_path / 'cache'}"),
     )
     started = time.monotonic()
-    _ok(run_ablate(*args, cwd=tmp_path, timeout=WAIT_S, **slurm.env))
+    succeeded(run_ablate(*args, cwd=tmp_path, timeout=WAIT_S, **slurm.env))
     print(f"Optuna search of 3 trials on SLURM: {time.monotonic() - started:.1f} s")
 
     (name,) = optuna.get_all_study_names(storage)

@@ -8,8 +8,9 @@ what an experiment holds. Pure string building, no TensorFlow."""
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
 from . import record as rec
@@ -109,7 +110,7 @@ def design_line(varied: Mapping[str, list[str]], data_seed_follows_seed: bool) -
     replicates = {k: v for k, v in varied.items() if k in seeds}
     sizes = [len(v) for v in varied.values()]
     grid = " × ".join(f"`{k}` ({_listed(v)})" for k, v in factors.items()) or "no factor"
-    line = f"**Design**: {_product(sizes)} runs: {grid}" if sizes and all(sizes) else f"**Design**: {grid}"
+    line = f"**Design**: {math.prod(sizes)} runs: {grid}" if sizes and all(sizes) else f"**Design**: {grid}"
     if not replicates:
         return (
             f"{line}. **No replicates**: one run per setting, so `ablate-report` can give no interval; add "
@@ -124,13 +125,6 @@ def design_line(varied: Mapping[str, list[str]], data_seed_follows_seed: bool) -
         "augmentation, not the choice of validation images"
     )
     return f"{line}; **replicates** {reps}, {split}."
-
-
-def _product(sizes: Iterable[int]) -> int:
-    out = 1
-    for size in sizes:
-        out *= size
-    return out
 
 
 def sweep_description(study: str | None, command: str, design: str, parent_id: str) -> str:

@@ -25,6 +25,11 @@ def installed(dist: str) -> tuple[str, str] | None:
     return None
 
 
+def versions(dists: tuple[str, ...]) -> dict[str, str]:
+    """Each distribution's installed version (``installed``), or ``not installed``."""
+    return {dist: found[1] if (found := installed(dist)) else "not installed" for dist in dists}
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in blocks (image folders and weights files can be large)."""
     digest = hashlib.sha256()

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 
 from .demo_base import BASES_DIR, CARD_NAME, WEIGHTS_NAME
 from .demo_data import TEXTURES, background, paint, texture, to_image
-from .fingerprints import file_sha256, installed
+from .fingerprints import file_sha256, versions
 
 SHAPES = ("triangle", "arrow", "tee", "ell", "lollipop", "crescent")
 ORIENTATIONS = ("up", "right", "down", "left")  # where the shape points, give or take 20 degrees
@@ -127,11 +127,7 @@ def source_split(per_class: int, size: int, seed: int, part: int) -> tuple[np.nd
 
 
 def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for dist in ("tensorflow", "keras", "numpy", "pillow"):
-        found = installed(dist)
-        out[dist] = found[1] if found else "not installed"
-    return out
+    return {"python": sys.version.split()[0], **versions(("tensorflow", "keras", "numpy", "pillow"))}
 
 
 def pretrain(settings: Settings, out_dir: Path, verbose: int = 0) -> dict:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import NOT_HASHED, TrackingConfig, schema_of, without_roles
 from .errors import UserError
-from .fingerprints import installed
+from .fingerprints import versions
 from .paths import PROJECT_ROOT, default_tracking_uri
 from .record import (
     DESCRIPTION_TAG,
@@ -172,11 +172,8 @@ def git_state() -> dict[str, str]:
 
 
 def package_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("tensorflow", "keras", "mlflow", "hydra-core", "optuna", "numpy", "finetune-ablation"):
-        found = installed(dist)
-        out[f"{VERSION_TAG_PREFIX}{dist}"] = found[1] if found else "not installed"
-    return out
+    dists = ("tensorflow", "keras", "mlflow", "hydra-core", "optuna", "numpy", "finetune-ablation")
+    return {f"{VERSION_TAG_PREFIX}{dist}": version for dist, version in versions(dists).items()}
 
 
 def end_run_failed(error: BaseException, status: str = "FAILED") -> None:

@@ -15,7 +15,7 @@ import keras
 from .. import record as rec
 from .checks import not_keras3
 from .data import as_split, split_labels
-from .decomposition import chance_warning, decompose, majority_rate
+from .decomposition import ATTRIBUTIONS, chance_warning, decompose, majority_rate
 from .keras_probe import probe
 from .layers import augmentation_layers
 from .meter import GapMeter, KeptBatches, Stage, TrainingOrder
@@ -84,6 +84,8 @@ class GapCallback(keras.callbacks.Callback):
         super().__init__()
         if when not in ("every_epoch", "last_epoch"):
             raise ValueError(f"when={when!r}: use 'every_epoch' or 'last_epoch'")
+        if attribution not in ATTRIBUTIONS:
+            raise ValueError(f"attribution={attribution!r}: use {' or '.join(map(repr, ATTRIBUTIONS))}")
         self.train_data, note = (train_data, None) if precomputed else as_split(train_data, batch_size)
         self._validation, val_note = (
             (None, None) if validation_data is None else as_split(validation_data, batch_size, "validation_data")

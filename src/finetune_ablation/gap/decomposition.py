@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Mapping
 
 from .. import record as rec
-from ..chance import accuracy_interval, at_chance, wilson_interval
+from ..chance import accuracy_interval, at_chance, correct_count, wilson_interval
 
 CONDITIONS = ("train_mode", "no_batchnorm", "no_dropout", "train_clean")
 # component (named in record.GAP_COMPONENTS) -> (minuend, subtrahend), in the order the effects are removed
@@ -116,7 +116,7 @@ def decompose(
         (rec.TRAIN_CLEAN_ACCURACY, int(measured["train_clean_correct"]), int(measured["train_count"]))
     ]
     if val_count:
-        val_correct = round(float(keras_logs[f"val_{accuracy}"]) * val_count)
+        val_correct = correct_count(float(keras_logs[f"val_{accuracy}"]), val_count)
         intervals.insert(0, (rec.VAL_ACCURACY, val_correct, val_count))
     for name, correct, count in intervals:
         out.update(zip(rec.interval_metrics(name), wilson_interval(correct, count), strict=True))

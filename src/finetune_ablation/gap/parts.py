@@ -253,16 +253,3 @@ def _find(model: keras.Model) -> Parts | NotStaged:
     augment = Segment(nodes[:a_end], tensor_at(0), source) if a_end else None
     head = Segment(nodes[h:], target, tensor_at(len(nodes))) if h < len(nodes) else None
     return Parts(model, augment, pre, base, post, head, tuple(target.shape[1:]), str(target.dtype))
-
-
-def describe(parts: Parts) -> str:
-    """One line: the stages found, by layer name."""
-
-    def names(segment: Segment | None) -> str:
-        return "+".join(getattr(op, "name", type(op).__name__) for op in segment.operations) if segment else "-"
-
-    base = parts.base.name if parts.base is not None else "-"
-    return (
-        f"augmentation {names(parts.augment)} | preprocessing {names(parts.pre)} | base {base} | "
-        f"after the base {names(parts.post)} | head {names(parts.head)}"
-    )

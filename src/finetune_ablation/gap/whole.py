@@ -2,7 +2,7 @@
 
 Used where a model cannot be cut into stages (``parts.NotStaged``: augmentation after layers with
 weights, a subclassed model, several inputs), or where the Keras installed lets a ``training`` flag given
-at construction win over ``fit``'s (``probe.KerasBehaviour.fit_flag_reaches_every_layer``): then only the
+at construction win over ``fit``'s (``keras_probe.KerasBehaviour.fit_flag_reaches_every_layer``): then only the
 model's own call, ``model(x, training=True)``, runs each layer as ``fit`` does. Each effect is switched off
 by what Keras reads while a pass is traced, never by rebuilding the model:
 

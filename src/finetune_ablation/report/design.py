@@ -175,7 +175,7 @@ def block_ids(runs: pd.DataFrame, units: pd.Series) -> Blocks:
     for block, index in ids.groupby(ids).groups.items():
         parts = [f"{k}={','.join(sorted(pd.unique(v.loc[index]), key=_natural))}" for k, v in values.items()]
         labels[int(block)] = ", ".join(parts) or "all runs"
-    config = cells(runs).groupby(units).transform("min")  # bit-identical configs count as one (blocked.unit_frame)
+    config = cells(runs).groupby(units).transform("min")  # bit-identical configs count as one (blocked.block_table)
     wanted = config.nunique()
     missing = {int(b): int(wanted - config.loc[i].nunique()) for b, i in ids.groupby(ids).groups.items()}
     return Blocks(ids, keys, combinations, labels, {b: m for b, m in missing.items() if m})

@@ -170,7 +170,8 @@ def _check_decodes(path: Path) -> tf.Tensor:
 
 def scan_folder(directory: str | None) -> tuple[list[str], list[ImageFile]]:
     """Class names and every image (``image_files.list_images``), each checked to decode with the op the
-    pipeline uses (``load_datasets`` does the same check in ``Pixels.scan``, keeping the pixels)."""
+    pipeline uses, keeping nothing: a folder's check without a run (the tests use it; ``load_datasets``
+    makes the same check in ``Pixels.scan``, keeping the pixels)."""
     class_names, files = list_images(directory)
     for file in files:
         _check_decodes(file.path)

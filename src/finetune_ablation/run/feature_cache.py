@@ -24,7 +24,8 @@ read the same inputs. Results equal the uncached path to float tolerance (tests/
 metric). The inputs live for one phase: in memory within ``cache.frozen_inputs_memory_mib``, past it in a
 scratch file on local disk (``kept_rows``: the same bits, so the same metrics), and when the disk has no
 room they are recomputed from the images at every read (in the same batches for validation and the
-measurement; with augmentation the measurement then draws its own, as with ``cache.features=false``)."""
+measurement; with augmentation the epoch's augmented inputs are not kept, so the measurement runs the
+whole model on the images with its own draws: docs/caches.md, "A full disk")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Which files of an image folder are the data, and their fingerprint, without TensorFlow.
 
 The one rule for what counts (``is_ignored``, ``IMAGE_SUFFIXES``) and the order Keras's directory loader
-indexes files in. ``data.scan_folder`` lists with it and then checks that each image decodes; resume
+indexes files in. ``data.load_datasets`` lists with it and then decodes each image once (``Pixels.scan``,
+which refuses one that does not decode and keeps the pixels); resume
 fingerprints a folder with it alone, before a job knows whether it trains (a job that is skipped never
 imports TensorFlow); ``ablate`` checks the folder's shape and its seeded split with it before it loads
 TensorFlow."""
@@ -120,7 +121,7 @@ def check_folder(directory: str | None, validation_split: float, seed: int) -> N
 def list_images(directory: str | None) -> tuple[list[str], list[ImageFile]]:
     """Class names and every image with its SHA-256, in the order Keras's directory loader indexes them
     (so the seeded split assigns each file as Keras would). Refuses what ``class_folders`` refuses, and a
-    file that cannot be read. Whether each image decodes is ``data.scan_folder``'s check."""
+    file that cannot be read. Whether each image decodes is ``data.Pixels.scan``'s check."""
     root, class_names, paths = class_folders(directory)
     files = [
         ImageFile(path, path.relative_to(root).as_posix(), name, _readable_sha256(path))

@@ -142,10 +142,6 @@ class KeptRows:
             self.close()
             raise
 
-    @property
-    def nbytes(self) -> int:
-        return self.count * self.row_bytes
-
     def close(self) -> None:
         """Give the rows back (memory, or the file's space on disk) now rather than when collected."""
         if self._file is not None:

@@ -1,9 +1,9 @@
 """The classifier: augmentation -> preprocess -> pretrained base -> pooling -> dropout -> logits, built from
 Keras's own layers only, so a logged model loads in any Python with Keras (docs/run-record.md, "The model").
 
-Keeps a handle on every block, so the measuring passes can switch each training-time effect on or off
-separately, and answers the users' questions about freezing in numbers (trainable counts, BN drift,
-whether the outer model holds the very same base object)."""
+Keeps a handle on every block (the frozen inputs build the model above them from these: feature_cache; the
+gap measurement finds the stages by walking the graph, gap/parts.py), and answers the users' questions about
+freezing in numbers (trainable counts, BN drift, whether the outer model holds the very same base object)."""
 
 from __future__ import annotations
 
