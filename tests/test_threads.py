@@ -83,7 +83,8 @@ def test_a_process_whose_tensorflow_already_runs_logs_the_count_it_really_has():
 
     real = threads.apply(threads.cores())
     _ = tf.constant(1.0) + 1.0  # the runtime is up: its pools are fixed now
-    assert tf.config.threading.get_intra_op_parallelism_threads() == real
+    # 0: an earlier test in this worker started TensorFlow with its default pools (every core)
+    assert (tf.config.threading.get_intra_op_parallelism_threads() or threads.cores()) == real
     settled = threads.settle(threads.Grant(real + 1, "joblib"))
     assert settled.threads == real
     assert settled.granted_by.startswith(f"{real}: TensorFlow already ran in this process with {real}")
