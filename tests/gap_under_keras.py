@@ -122,6 +122,18 @@ def train(measured: bool) -> dict:
     return out
 
 
+def _versions_and_probe(behaviour) -> dict:
+    """The Keras under test and what the probe found in it."""
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "probe": {
+            "training_false_keeps_bn_frozen": behaviour.training_false_keeps_bn_frozen,
+            "dropout_after_training_false_active": behaviour.dropout_after_training_false_active,
+        },
+    }
+
+
 def under_keras2() -> dict:
     """Under Keras 2: what ``check`` and ``GapCallback`` say of a Keras 2 model, and the probe's answers."""
     train_data, val_data = splits()
@@ -132,14 +144,8 @@ def under_keras2() -> dict:
         model.fit(train_data, validation_data=val_data, callbacks=[GapCallback(train_data=train_data)], verbose=0)
     except TypeError as exc:
         refused = str(exc)
-    behaviour = probe(tf.keras)
     return {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "probe": {
-            "training_false_keeps_bn_frozen": behaviour.training_false_keeps_bn_frozen,
-            "dropout_after_training_false_active": behaviour.dropout_after_training_false_active,
-        },
+        **_versions_and_probe(probe(tf.keras)),
         "check_before": findings(check(model, verbose=False)),
         "callback_refused": refused,
     }
@@ -151,12 +157,7 @@ def main() -> dict:
     behaviour = probe()
     plain, measured = train(measured=False), train(measured=True)
     return {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "probe": {
-            "training_false_keeps_bn_frozen": behaviour.training_false_keeps_bn_frozen,
-            "dropout_after_training_false_active": behaviour.dropout_after_training_false_active,
-        },
+        **_versions_and_probe(behaviour),
         "same_weights_without_the_callback": plain["weights"] == measured.pop("weights"),
         "plain_bn_moving_mean_change": plain["bn_moving_mean_change"],
         **measured,
