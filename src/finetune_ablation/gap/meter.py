@@ -36,7 +36,7 @@ import tensorflow as tf
 from .decomposition import CONDITIONS, EFFECTS
 from .layers import assign_values, copy_values, forward_state
 from .passes import MeasuringPasses, as_list
-from .scoring import Scorer, Tally
+from .scoring import Scorer, Tally, condition_results
 
 # What a dataset of precomputed inputs holds (the suite's frozen inputs): the head's input ("pooled"
 # features of a frozen, deterministic body) or the tensors that cross the base's frozen-bottom cut.
@@ -89,6 +89,31 @@ def own_seed_states(seed: int, epoch: int, count: int) -> list[np.ndarray]:
     layers' streams can meet however many batches an epoch has; ``k`` mixes the seed and the epoch."""
     k = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     return [np.array([(k + i) % SEED_MODULUS, 0], dtype=np.int64) for i in range(count)]
+
+
+class EpochDraws:
+    """The draws a measured epoch uses, for either meter: training's own (the seed states captured as the
+    epoch began, when the training order is known, so the epoch is replayed) or the meter's own stream."""
+
+    def __init__(self, variables: list, seed: int, order: TrainingOrder | None):
+        self.variables, self.seed, self.order = variables, seed, order
+        self._first_epoch: int | None = None
+        self._epoch_start: tuple[int, list[np.ndarray]] | None = None
+
+    def epoch_begins(self, epoch: int) -> None:
+        """Capture the seed states training's draws of this epoch start from."""
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+        self._epoch_start = (epoch, copy_values(self.variables))
+
+    def set_for(self, epoch: int) -> int | None:
+        """Set the seed states the measurement of ``epoch`` draws from. Returns the epoch's index in the
+        phase when it is replayed (training's batches and draws), None when the meter draws its own."""
+        if self.order is not None and self._epoch_start is not None and self._epoch_start[0] == epoch:
+            assign_values(self.variables, self._epoch_start[1])
+            return epoch - self._first_epoch
+        assign_values(self.variables, own_seed_states(self.seed, epoch, len(self.variables)))
+        return None
 
 
 class GapMeter:
@@ -153,15 +178,11 @@ class GapMeter:
         # may be drawing the next epoch's augmentations while the meter runs: their seeds are left alone.
         others = {id(v) for v in augment_seeds} if stage is not None else set()
         self._written = [v for v in forward_state(model) if id(v) not in others]
-        self._first_epoch: int | None = None
-        self._epoch_start: tuple[int, list[np.ndarray]] | None = None
+        self.draws = EpochDraws(self._drawn, seed, order)
         self.replayed = False  # whether the last measure replayed the epoch's own batches and draws
 
     def epoch_begins(self, epoch: int) -> None:
-        """Capture the seed states training's draws of this epoch start from."""
-        if self._first_epoch is None:
-            self._first_epoch = epoch
-        self._epoch_start = (epoch, copy_values(self._drawn))
+        self.draws.epoch_begins(epoch)
 
     def _whole_base(self, augmented):
         """train_mode, no_batchnorm and no_dropout features, each pass through the whole base."""
@@ -255,14 +276,9 @@ class GapMeter:
     def _conditions(self, epoch: int, corners: bool = False):
         """Per batch: labels, the pooled features under train_mode, no_batchnorm, no_dropout and clean, and
         with ``corners`` the clean images' features with BatchNorm on batch and on moving statistics."""
-        replay = self.order is not None and self._epoch_start is not None and self._epoch_start[0] == epoch
-        self.replayed = replay
-        if replay:
-            assign_values(self._drawn, self._epoch_start[1])
-            batches = self._replayed_batches(epoch - self._first_epoch)
-        else:
-            assign_values(self._drawn, own_seed_states(self.seed, epoch, len(self._drawn)))
-            batches = self._batches_in_order()
+        index = self.draws.set_for(epoch)
+        replay = self.replayed = index is not None
+        batches = self._replayed_batches(index) if replay else self._batches_in_order()
         in_order = not replay and self.epoch_batches is None
         self._kept: list = []
         self._kept_bytes = 0
@@ -306,12 +322,7 @@ class GapMeter:
                     extra[DROP_AUG].add(scorer, self.passes.head_infer(clean_bn[0]), y)
         finally:
             assign_values(self._written, saved)
-        out: dict = {}
-        for name, tally in tallies.items():
-            out[f"{name}_accuracy"] = tally.accuracy
-            out[f"{name}_loss"] = tally.loss
-            out[f"{name}_correct"] = tally.correct
-        out["train_count"] = tallies["train_clean"].count
+        out: dict = condition_results(tallies)
         if corners:
             chain = dict(zip(CHAIN_CORNERS, CONDITIONS, strict=True))
             for metric in ("accuracy", "loss"):

@@ -140,3 +140,15 @@ class Tally:
     @property
     def loss(self) -> float:
         return float(self._loss.result())
+
+
+def condition_results(tallies: dict[str, Tally]) -> dict[str, float]:
+    """Each condition's accuracy, loss and correct count under the run record's names (``<condition>_*``),
+    and the training split's size (``train_count``, from the clean condition)."""
+    out: dict = {}
+    for name, tally in tallies.items():
+        out[f"{name}_accuracy"] = tally.accuracy
+        out[f"{name}_loss"] = tally.loss
+        out[f"{name}_correct"] = tally.correct
+    out["train_count"] = tallies["train_clean"].count
+    return out

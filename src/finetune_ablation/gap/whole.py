@@ -33,9 +33,9 @@ from .layers import (
     forward_state,
     seed_states,
 )
-from .meter import TrainingOrder, own_seed_states
+from .meter import EpochDraws, TrainingOrder
 from .passes import _while_tracing
-from .scoring import Scorer, Tally
+from .scoring import Scorer, Tally, condition_results
 
 
 def _rate_attribute(layer: keras.layers.Layer) -> str:
@@ -50,14 +50,13 @@ class WholeModelMeter:
         self.dataset = dataset
         self.seed = seed
         self.order = order
-        self._first_epoch: int | None = None
-        self._epoch_start: tuple[int, list] | None = None
         self.replayed = False  # whether the last measure replayed the epoch's own batches and draws
         self.bns = batchnorm_layers(model)
         self.dropouts = dropout_layers(model)
         self.augments = bool(augmentation_layers(model))
         self.has_trainable_bn = any(bn.trainable for bn in self.bns)
         self._seed_states = seed_states(model)
+        self.draws = EpochDraws(self._seed_states, seed, order)
         spec = {"reduce_retracing": True}
         self._train = tf.function(
             lambda x: _while_tracing(self.bns, "momentum", 1.0, lambda: model(x, training=True)), **spec
@@ -83,10 +82,7 @@ class WholeModelMeter:
                 setattr(layer, attribute, value)
 
     def epoch_begins(self, epoch: int) -> None:
-        """Capture the seed states training's draws of this epoch start from."""
-        if self._first_epoch is None:
-            self._first_epoch = epoch
-        self._epoch_start = (epoch, copy_values(self._seed_states))
+        self.draws.epoch_begins(epoch)
 
     def measure(self, epoch: int, scorer: Scorer, corners: bool = False) -> dict[str, float]:
         """Accuracy, loss and correct count under each condition, with everything a pass can write restored."""
@@ -94,14 +90,9 @@ class WholeModelMeter:
             raise ValueError("diagnostics.attribution=shapley needs the staged passes (a model parts.Parts can cut)")
         variables = forward_state(self.model)
         saved = copy_values(variables)
-        replay = self.order is not None and self._epoch_start is not None and self._epoch_start[0] == epoch
-        self.replayed = replay
-        if replay:
-            assign_values(self._seed_states, self._epoch_start[1])
-            batches = self.order.epoch(epoch - self._first_epoch)
-        else:
-            assign_values(self._seed_states, own_seed_states(self.seed, epoch, len(self._seed_states)))
-            batches = self.dataset
+        index = self.draws.set_for(epoch)
+        self.replayed = index is not None
+        batches = self.order.epoch(index) if self.replayed else self.dataset
         tallies = {name: Tally() for name in CONDITIONS}
         try:
             for x, y in batches:
@@ -124,10 +115,4 @@ class WholeModelMeter:
                     tallies[name].add(scorer, outputs[name], y)
         finally:
             assign_values(variables, saved)
-        out: dict[str, float] = {}
-        for name, tally in tallies.items():
-            out[f"{name}_accuracy"] = tally.accuracy
-            out[f"{name}_loss"] = tally.loss
-            out[f"{name}_correct"] = tally.correct
-        out["train_count"] = tallies["train_clean"].count
-        return out
+        return condition_results(tallies)
