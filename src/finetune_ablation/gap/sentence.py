@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .. import record as rec
 from ..chance import accuracy_interval, at_chance
-from ..console import points
+from ..console import gap_leader, points
 from .decomposition import COMPONENTS
 
 # What each component contains (docs/gap-measurement.md), with the effects removed in one order...
@@ -33,23 +33,26 @@ LEGEND_OWN_DRAWS = (
 
 
 def lead(total: float) -> str:
-    """Who beats whom, by how much: the total as it rounds (to 0.1 points), "level" when it rounds to 0."""
-    written = points(total)
-    if written == "+0.0":
+    """Who beats whom, by how much: the total as it rounds (to 0.1 points), "level" when it rounds to 0
+    (``console.gap_leader``, the one rule for who leads)."""
+    leader = gap_leader(total)
+    if leader == "level":
         return "validation and training are level (0.0 points)"
-    if written.startswith("-"):
-        return f"training beats validation by {written[1:]} points"
-    return f"validation beats training by {written[1:]} points"
+    if leader == "not measured":
+        return "the gap was not measured"
+    return f"{leader} by {points(abs(total), False)} points"
+
+
+_HEADLINES = {
+    "validation beats training": "Why validation beats training: the gap, decomposed",
+    "training beats validation": "Why training beats validation: the gap, decomposed",
+    "level": "Validation and training level: the gap, decomposed",
+}
 
 
 def headline(total: float) -> str:
     """A title that follows the total's sign: why training beats validation when it does."""
-    written = points(total)
-    if written == "+0.0":
-        return "Validation and training level: the gap, decomposed"
-    if written.startswith("-"):
-        return "Why training beats validation: the gap, decomposed"
-    return "Why validation beats training: the gap, decomposed"
+    return _HEADLINES.get(gap_leader(total), "The gap between validation and training")
 
 
 def gap_sentence(row: dict[str, float]) -> str:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .. import record as rec
 from ..console import gap_leader, points
+from ..gap.sentence import lead
 from ..record import VAL_ACCURACY
 from . import blocked
 from . import design as rd
@@ -353,13 +354,7 @@ def gap_heading(total: float) -> str:
 def gap_markdown(ranking: pd.DataFrame, total: pd.Series, has_figure: bool, at_chance: bool | None) -> list[str]:
     tests = int(ranking["p"].notna().sum())
     blocks = int(total["blocks"])
-    leader = gap_leader(total["mean"])
-    if leader == "level":
-        said = f"validation and training are level ({points(total['mean'], False)} points)"
-    elif leader == "not measured":
-        said = "the gap was not measured"
-    else:
-        said = f"{leader} by {points(abs(total['mean']), False)} points"
+    said = lead(total["mean"])
     lines = [
         f"## {gap_heading(total['mean'])}",
         "",
